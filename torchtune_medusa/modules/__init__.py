@@ -1,0 +1,16 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+
+from torchtune_medusa.modules.medusa_heads import medusa_heads, MedusaHead, MedusaResBlock
+from torchtune_medusa.modules.transformer import MedusaOutput, MedusaTransformerDecoder
+
+__all__ = [
+    "MedusaHead",
+    "MedusaOutput",
+    "MedusaResBlock",
+    "MedusaTransformerDecoder",
+    "medusa_heads",
+]

@@ -1,0 +1,148 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+
+from typing import Callable, List, NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+from torchtune.modules import TransformerDecoder
+
+
+class MedusaOutput(NamedTuple):
+    """What :class:`MedusaTransformerDecoder` returns in logits mode.
+
+    Attributes:
+        logits: the backbone's next-token logits, fp32, shape ``[b, s, v]`` (or torchtune's list of
+            ``num_output_chunks`` chunks when :meth:`~torchtune.modules.TransformerDecoder.set_num_output_chunks`
+            was called, as the base class does).
+        medusa_logits: stacked head logits, fp32, shape ``[k, b, s, v]``. ``medusa_logits[k - 1, :, t]`` predicts
+            the token at position ``t + k + 1``, i.e. k steps after ``logits[:, t]`` does.
+    """
+
+    logits: Union[torch.Tensor, List[torch.Tensor]]
+    medusa_logits: torch.Tensor
+
+
+class MedusaTransformerDecoder(TransformerDecoder):
+    """A torchtune :class:`~torchtune.modules.TransformerDecoder` whose normed final hidden state also feeds
+    K Medusa heads.
+
+    Everything the base decoder does is unchanged: the base state-dict keys (the heads live under
+    ``medusa_heads.*``), KV caches, custom masks and ``input_pos``. Only the last step differs: instead of the
+    logits alone it returns a :class:`MedusaOutput` with the base logits and the stacked head logits, or, after
+    ``set_return_hidden(True)``, the normed hidden state ``[b, s, d]`` so that a memory-lean loss can project to
+    the vocabulary chunk by chunk with :meth:`project`.
+
+    Args:
+        tok_embeddings (nn.Embedding): as in :class:`~torchtune.modules.TransformerDecoder`.
+        layers (Union[nn.Module, List[nn.Module], nn.ModuleList]): as in the base class.
+        max_seq_len (int): as in the base class.
+        num_heads (int): attention heads, as in the base class.
+        head_dim (int): as in the base class.
+        norm (nn.Module): as in the base class.
+        output (Union[nn.Linear, Callable]): the base output projection (``nn.Linear`` or ``TiedLinear``).
+        medusa_heads (nn.ModuleList): the Medusa heads (:class:`~torchtune_medusa.modules.MedusaHead`), possibly
+            empty. A head without its own projection is projected with ``output``.
+        num_layers (Optional[int]): as in the base class.
+        output_hidden_states (Optional[List[int]]): as in the base class.
+    """
+
+    def __init__(
+        self,
+        *,
+        tok_embeddings: nn.Embedding,
+        layers: Union[nn.Module, List[nn.Module], nn.ModuleList],
+        max_seq_len: int,
+        num_heads: int,
+        head_dim: int,
+        norm: nn.Module,
+        output: Union[nn.Linear, Callable],
+        medusa_heads: nn.ModuleList,
+        num_layers: Optional[int] = None,
+        output_hidden_states: Optional[List[int]] = None,
+    ) -> None:
+        super().__init__(
+            tok_embeddings=tok_embeddings,
+            layers=layers,
+            max_seq_len=max_seq_len,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            norm=norm,
+            output=output,
+            num_layers=num_layers,
+            output_hidden_states=output_hidden_states,
+        )
+        self.medusa_heads = medusa_heads
+        self.return_hidden = False
+
+    @classmethod
+    def from_decoder(cls, decoder: TransformerDecoder, medusa_heads: nn.ModuleList) -> "MedusaTransformerDecoder":
+        """Wrap the sub-modules of a built torchtune decoder (no copies) and add ``medusa_heads``."""
+        return cls(
+            tok_embeddings=decoder.tok_embeddings,
+            layers=decoder.layers,
+            max_seq_len=decoder.max_seq_len,
+            num_heads=decoder.num_heads,
+            head_dim=decoder.head_dim,
+            norm=decoder.norm,
+            output=decoder.output,
+            medusa_heads=medusa_heads,
+            output_hidden_states=decoder.output_hidden_states,
+        )
+
+    @property
+    def num_medusa_heads(self) -> int:
+        return len(self.medusa_heads)
+
+    def set_return_hidden(self, return_hidden: bool = True) -> None:
+        """Make ``forward`` return the normed final hidden state ``[b, s, d]`` instead of logits.
+
+        Used by the chunked Medusa losses, which call :meth:`project` chunk by chunk so that the
+        ``(K + 1) x b x s x v`` logits never exist at once.
+        """
+        self.return_hidden = return_hidden
+
+    def project(self, hidden: torch.Tensor, head: int) -> torch.Tensor:
+        """Project a normed hidden state to vocabulary logits, in the model's dtype (no fp32 upcast).
+
+        Args:
+            hidden (torch.Tensor): normed final hidden state, shape ``[..., d]``.
+            head (int): 0 for the backbone's own output layer, ``k`` in ``1..K`` for Medusa head k.
+
+        Returns:
+            torch.Tensor: logits with shape ``[..., v]``.
+
+        Raises:
+            IndexError: if ``head`` is not in ``0..K``.
+        """
+        if head == 0:
+            return self.output(hidden)
+        if not 1 <= head <= len(self.medusa_heads):
+            raise IndexError(f"head must be in 0..{len(self.medusa_heads)} (0 = base output), got {head}")
+        medusa_head = self.medusa_heads[head - 1]
+        out = medusa_head(hidden)
+        return out if medusa_head.projection is not None else self.output(out)
+
+    def medusa_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of every Medusa head from a normed hidden state.
+
+        Args:
+            hidden (torch.Tensor): normed final hidden state, shape ``[..., d]``.
+
+        Returns:
+            torch.Tensor: fp32 logits with shape ``[k, ..., v]``; ``k == 0`` gives an empty tensor.
+        """
+        if not len(self.medusa_heads):
+            return torch.empty(0, *hidden.shape[:-1], 0, device=hidden.device, dtype=torch.float32)
+        return torch.stack([self.project(hidden, k).float() for k in range(1, len(self.medusa_heads) + 1)])
+
+    def unembed(self, h: torch.Tensor) -> Union[torch.Tensor, MedusaOutput]:
+        # shape: [b, s, d]
+        h = self.norm(h)
+        if self.return_hidden:
+            return h
+        base = super().chunked_output(h) if self.num_output_chunks > 0 else self.output(h).float()
+        return MedusaOutput(logits=base, medusa_logits=self.medusa_logits(h))

@@ -1,0 +1,69 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+"""Decoding: the autoregressive baseline, Medusa tree decoding with KV-cache eviction, candidate trees and
+tree calibration."""
+
+from torchtune_medusa.generation._generate import (
+    DEFAULT_MEDUSA_CHOICES,
+    generate,
+    GenerationOutput,
+    GenerationStats,
+    medusa_generate,
+)
+from torchtune_medusa.generation._kv import evict_to_path, kv_caches, scoped_kv_cache
+from torchtune_medusa.generation._sampling import (
+    greedy_node_mask,
+    sample_next,
+    select_path,
+    typical_node_mask,
+    typical_threshold,
+)
+from torchtune_medusa.generation._tree import (
+    build_tree_buffers,
+    chain,
+    grow_tree,
+    MC_SIM_7B_63,
+    resolve_choices,
+    topk_per_head_tree,
+    tree_stats,
+    TreeBuffers,
+    validate_choices,
+    VICUNA_13B_STAGE2,
+    VICUNA_33B_STAGE2,
+    VICUNA_7B_STAGE2,
+    WELL_KNOWN_TREES,
+    ZEPHYR_STAGE2,
+)
+
+__all__ = [
+    "DEFAULT_MEDUSA_CHOICES",
+    "GenerationOutput",
+    "GenerationStats",
+    "MC_SIM_7B_63",
+    "TreeBuffers",
+    "VICUNA_13B_STAGE2",
+    "VICUNA_33B_STAGE2",
+    "VICUNA_7B_STAGE2",
+    "WELL_KNOWN_TREES",
+    "ZEPHYR_STAGE2",
+    "build_tree_buffers",
+    "chain",
+    "evict_to_path",
+    "generate",
+    "greedy_node_mask",
+    "grow_tree",
+    "kv_caches",
+    "medusa_generate",
+    "resolve_choices",
+    "sample_next",
+    "scoped_kv_cache",
+    "select_path",
+    "topk_per_head_tree",
+    "tree_stats",
+    "typical_node_mask",
+    "typical_threshold",
+    "validate_choices",
+]

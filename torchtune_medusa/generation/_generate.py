@@ -1,0 +1,490 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+"""Autoregressive baseline :func:`generate` and tree-attention :func:`medusa_generate` over torchtune's KV cache.
+
+Both functions allocate their own KV caches, sized to what the call needs (prompt + ``max_new_tokens`` + tree
+tokens, capped by ``max_cache_len`` and the model's ``max_seq_len``; never the model's 8k/128k default), and delete
+them when they return. Caches the caller had already set up on the model are set aside for the call and restored
+afterwards, untouched. They also restore the model's ``return_hidden`` flag. Both pick tokens with the same
+:func:`~torchtune_medusa.generation._sampling.sample_next`, and both compute the vocabulary projection only
+where it is needed (the last position of a prefill, the tree tokens of a step, the heads at one position).
+"""
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from torchtune_medusa.generation._kv import evict_to_path, kv_caches, scoped_kv_cache
+from torchtune_medusa.generation._sampling import greedy_node_mask, sample_next, select_path, typical_node_mask
+from torchtune_medusa.generation._tree import build_tree_buffers, MC_SIM_7B_63, TreeBuffers
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEDUSA_CHOICES = MC_SIM_7B_63
+
+
+@dataclass
+class GenerationStats:
+    """Statistics of one :func:`generate` / :func:`medusa_generate` call (summed over its prompts).
+
+    Attributes:
+        steps (int): decoding forwards after the prefill(s) (one per token for the baseline, one per tree step).
+        new_tokens (int): tokens returned, all prompts together.
+        accepted_per_step (List[int]): tokens each step produced (accepted speculated tokens + the bonus token),
+            before truncation at a stop token or ``max_new_tokens``. The prefill's first token is not a step.
+        mean_accepted (float): tau, the mean of ``accepted_per_step`` (1.0 for the baseline).
+        per_head_acceptance (List[float]): fraction of tree steps in which head k's token was accepted (k = 1..depth
+            of the tree); empty for the baseline.
+        time_to_first_token_s (float): prefill + first token, averaged over prompts decoded one after another.
+        total_time_s (float): wall-clock time of decoding (prefill to last token, cache set-up excluded).
+        tokens_per_second (float): ``new_tokens / total_time_s``.
+        stop_reasons (List[str]): per prompt: ``"stop_token"``, ``"max_new_tokens"`` or ``"cache_full"``.
+        tree_size (int): tree tokens per step (1 for the baseline).
+    """
+
+    steps: int = 0
+    new_tokens: int = 0
+    accepted_per_step: List[int] = field(default_factory=list)
+    mean_accepted: float = 0.0
+    per_head_acceptance: List[float] = field(default_factory=list)
+    time_to_first_token_s: float = 0.0
+    total_time_s: float = 0.0
+    tokens_per_second: float = 0.0
+    stop_reasons: List[str] = field(default_factory=list)
+    tree_size: int = 1
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationOutput:
+    """Tokens and statistics of a generation call.
+
+    Attributes:
+        tokens (List[List[int]]): new tokens per prompt; the prompt is excluded, a stop token is included when hit
+            and nothing follows it.
+        stats (GenerationStats): see :class:`GenerationStats`.
+    """
+
+    tokens: List[List[int]]
+    stats: GenerationStats
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _generator(seed: Optional[int], device: torch.device) -> Optional[torch.Generator]:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _is_medusa(model: nn.Module) -> bool:
+    return hasattr(model, "set_return_hidden") and hasattr(model, "project")
+
+
+def _cache_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+class _Runner:
+    """Runs the decoder and returns base logits only at the requested positions (plus the normed hidden state
+    for Medusa models, from which the heads are projected lazily)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.medusa = _is_medusa(model)
+
+    def __call__(self, tokens, mask, input_pos, select: Optional[torch.Tensor] = None):
+        """Return ``(logits [b, n, v], hidden [b, n, d] or None)`` at positions ``select`` (all when None)."""
+        if self.medusa:
+            h = self.model(tokens, mask=mask, input_pos=input_pos)
+            if select is not None:
+                h = h[:, select]
+            return self.model.project(h, 0), h
+        out = self.model(tokens, mask=mask, input_pos=input_pos)
+        if isinstance(out, list):
+            out = torch.cat(out, dim=1)
+        if isinstance(out, tuple) or hasattr(out, "logits"):  # a MedusaOutput from a model without project()
+            out = out[0]
+        return (out[:, select] if select is not None else out), None
+
+
+class _ReturnHidden:
+    def __init__(self, model):
+        self.model = model
+        self.prev = getattr(model, "return_hidden", None)
+
+    def __enter__(self):
+        if _is_medusa(self.model):
+            self.model.set_return_hidden(True)
+
+    def __exit__(self, *exc):
+        if _is_medusa(self.model):
+            self.model.set_return_hidden(bool(self.prev))
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> List[List[int]]:
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+        raise ValueError("prompts is empty")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    return prompts
+
+
+def _cache_budget(model: nn.Module, needed: int, longest_prompt: int, max_cache_len: Optional[int]) -> int:
+    limit = int(model.max_seq_len)
+    if max_cache_len is not None:
+        limit = min(limit, int(max_cache_len))
+    if longest_prompt > limit:
+        which = "max_cache_len" if max_cache_len is not None and max_cache_len < model.max_seq_len else "max_seq_len"
+        raise ValueError(
+            f"the prompt has {longest_prompt} tokens but the KV cache can hold only {limit} "
+            f"(the model's {which}); shorten the prompt or raise the limit"
+        )
+    return min(needed, limit)
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module,
+    prompts: List[List[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    stop_tokens: Sequence[int] = (),
+    seed: Optional[int] = None,
+    max_cache_len: Optional[int] = None,
+) -> GenerationOutput:
+    """Plain autoregressive decoding with torchtune's KV cache, batched over prompts of different lengths.
+
+    Prompts are left-padded; every row gets its own positions (0 at its first real token) and a mask that hides
+    the padding, so each row decodes exactly as it would alone. Medusa models are run with ``return_hidden`` and
+    only the base output layer is projected (at the last position); plain torchtune ``TransformerDecoder`` s work
+    too.
+
+    Args:
+        model (nn.Module): a :class:`~torchtune_medusa.modules.MedusaTransformerDecoder` or a torchtune
+            ``TransformerDecoder``, in eval mode.
+        prompts (List[List[int]]): token ids, one list per prompt.
+        max_new_tokens (int): at most this many new tokens per prompt.
+        temperature (float): 0 = greedy; > 0 samples.
+        top_k (Optional[int]): top-k filtering when sampling.
+        stop_tokens (Sequence[int]): a row ends after emitting one of these (it is included in the output).
+        seed (Optional[int]): seed for sampling.
+        max_cache_len (Optional[int]): cap on KV-cache slots. When a row would need more, decoding stops early
+            with ``stop_reason == "cache_full"`` and a warning.
+
+    Returns:
+        GenerationOutput: tokens and :class:`GenerationStats`.
+
+    Raises:
+        ValueError: on empty prompts, a negative ``max_new_tokens``, or a prompt that does not fit the cache.
+    """
+    prompts = _check_prompts(prompts, max_new_tokens)
+    device = next(model.parameters()).device
+    b = len(prompts)
+    lens = [len(p) for p in prompts]
+    p_max = max(lens)
+    stop = set(int(t) for t in stop_tokens)
+    stats = GenerationStats(tree_size=1)
+    if max_new_tokens == 0:
+        stats.stop_reasons = ["max_new_tokens"] * b
+        return GenerationOutput([[] for _ in prompts], stats)
+    cache_len = _cache_budget(model, p_max + max_new_tokens, p_max, max_cache_len)
+    gen = _generator(seed, device)
+    runner = _Runner(model)
+
+    pads = torch.tensor([p_max - n for n in lens], device=device)
+    tokens = torch.zeros(b, p_max, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, p_max - len(p) :] = torch.tensor(p, device=device)
+    slots = torch.arange(cache_len, device=device)
+    valid = (slots[None, :] >= pads[:, None]) & (slots[None, :] < p_max)  # [b, S] slots holding real tokens
+    causal = slots[None, :p_max, None] >= slots[None, None, :]  # [1, p_max, S]
+    is_pad_query = slots[None, :p_max] < pads[:, None]  # [b, p_max]
+    eye = slots[None, :p_max, None] == slots[None, None, :]
+    # Padding queries attend only to themselves (never to nothing: an all-masked row makes NaNs in later layers).
+    mask = (causal & valid[:, None, :]) | (is_pad_query[:, :, None] & eye)
+    input_pos = (slots[None, :p_max] - pads[:, None]).clamp(min=0)
+    next_pos = torch.tensor(lens, device=device)
+
+    out: List[List[int]] = [[] for _ in prompts]
+    reasons: List[Optional[str]] = [None] * b
+    with _ReturnHidden(model), scoped_kv_cache(model, batch_size=b, cache_len=cache_len, dtype=_cache_dtype(model)):
+        _sync(device)
+        t0 = time.perf_counter()
+        logits, _ = runner(tokens, mask, input_pos, select=torch.tensor([p_max - 1], device=device))
+        nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, generator=gen)
+        slot = p_max
+        first = True
+        while True:
+            host = nxt.tolist()
+            if first:
+                stats.time_to_first_token_s = time.perf_counter() - t0
+                first = False
+            for i, t in enumerate(host):
+                if reasons[i] is None:
+                    out[i].append(t)
+                    if t in stop:
+                        reasons[i] = "stop_token"
+                    elif len(out[i]) >= max_new_tokens:
+                        reasons[i] = "max_new_tokens"
+            if all(r is not None for r in reasons):
+                break
+            if slot >= cache_len:
+                log.warning(
+                    "generate: stopping early, the KV cache is full (%d slots: max_cache_len=%s, model max_seq_len=%d)",
+                    cache_len,
+                    max_cache_len,
+                    model.max_seq_len,
+                )
+                reasons = [r or "cache_full" for r in reasons]
+                break
+            valid[:, slot] = True
+            logits, _ = runner(nxt[:, None], valid[:, None, :].clone(), next_pos[:, None])
+            nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, generator=gen)
+            next_pos += 1
+            slot += 1
+            stats.steps += 1
+        _sync(device)
+        stats.total_time_s = time.perf_counter() - t0
+    stats.accepted_per_step = [1] * stats.steps
+    stats.mean_accepted = 1.0 if stats.steps else 0.0
+    stats.new_tokens = sum(len(o) for o in out)
+    stats.tokens_per_second = stats.new_tokens / max(stats.total_time_s, 1e-9)
+    stats.stop_reasons = [r or "max_new_tokens" for r in reasons]
+    return GenerationOutput(out, stats)
+
+
+def _head_candidates(model: nn.Module, hidden: torch.Tensor, depth: int, topk: int) -> torch.Tensor:
+    """Top-k token ids of heads ``1..depth`` at one position: ``[depth * topk]``. hidden: ``[d]``."""
+    if depth == 0:
+        return hidden.new_empty(0, dtype=torch.long)
+    return torch.cat([torch.topk(model.project(hidden, k), topk, dim=-1).indices for k in range(1, depth + 1)])
+
+
+def _tree_mask(tree: TreeBuffers, length: int, cache_len: int, device) -> torch.Tensor:
+    t = tree.num_nodes
+    mask = torch.zeros(1, t, cache_len, dtype=torch.bool, device=device)
+    mask[:, :, :length] = True
+    mask[0, :, length : length + t] = tree.attn_mask
+    return mask
+
+
+@torch.inference_mode()
+def medusa_generate(
+    model: nn.Module,
+    prompts: List[List[int]],
+    *,
+    max_new_tokens: int,
+    medusa_choices=DEFAULT_MEDUSA_CHOICES,
+    temperature: float = 0.0,
+    acceptance: str = "greedy",
+    posterior_threshold: float = 0.09,
+    posterior_alpha: float = 0.3,
+    stop_tokens: Sequence[int] = (),
+    seed: Optional[int] = None,
+    max_cache_len: Optional[int] = None,
+    topk: int = 10,
+    on_step=None,
+) -> GenerationOutput:
+    """Medusa decoding: each step verifies a tree of candidates (the base model's next token plus the heads'
+    top-k tokens) in one forward through torchtune's KV cache, accepts the longest right path, and evicts the
+    rejected branches from the cache.
+
+    One step: the root is the token the base model picked after the last committed token; heads ``1..D`` give
+    their top-``topk`` at that position; ``tree_indices`` lay them out as the tree; all ``T`` tree tokens run in one
+    forward at positions ``length + depth`` with a ``[1, T, cache_len]`` mask (the committed prefix plus each
+    node's ancestors); the base logits of all tree tokens decide acceptance; the accepted path's K/V rows are
+    gathered to contiguous slots in every layer and ``cache_pos`` is rolled back
+    (:func:`~torchtune_medusa.generation._kv.evict_to_path`); the pick after the last accepted node is the next
+    root (the bonus token). Heads are projected at that one position only.
+
+    Acceptance:
+        * ``"greedy"``: exact match against the base model's pick. At temperature 0 the output is exactly greedy
+          decoding. At temperature > 0 the base model draws one sample per tree node and a node is accepted iff
+          its token equals its parent's sample, so the output is distributed exactly as ancestral sampling.
+        * ``"typical"`` (lossy, Medusa's default): accept token ``c`` iff ``p(c) > min(posterior_threshold,
+          posterior_alpha * exp(-H(p)))`` with ``p = softmax(logits / temperature)``; ties between equally long
+          paths go to the largest sum of ``log p``; the bonus token is sampled from ``p``. At temperature 0 it is
+          the same as ``"greedy"``.
+
+    Prompts are decoded one after another, each with a batch-1 cache (torchtune's ``KVCache`` keeps one
+    ``cache_pos`` for the whole batch, so rows that accept different lengths cannot share one cache); the stats
+    sum over prompts.
+
+    When the cache (``max_cache_len``) or the model's ``max_seq_len`` has no room for a full tree, steps fall back
+    to the root alone (plain decoding), and when not even one more token fits, decoding stops with
+    ``stop_reason == "cache_full"`` and a warning; the cache is never written past its end.
+
+    Args:
+        model (nn.Module): a :class:`~torchtune_medusa.modules.MedusaTransformerDecoder` in eval mode.
+        prompts (List[List[int]]): token ids, one list per prompt.
+        max_new_tokens (int): at most this many new tokens per prompt.
+        medusa_choices: the tree, as rank paths or a name (``"mc_sim_7b_63"``, ``"chain4"``, ...). Its depth must
+            not exceed the number of heads. Default ``mc_sim_7b_63``.
+        temperature (float): 0 = greedy.
+        acceptance (str): ``"greedy"`` or ``"typical"``.
+        posterior_threshold (float): typical acceptance epsilon. Default 0.09.
+        posterior_alpha (float): typical acceptance delta. Default 0.3.
+        stop_tokens (Sequence[int]): a prompt ends after emitting one of these (included in the output).
+        seed (Optional[int]): seed for sampling.
+        max_cache_len (Optional[int]): cap on KV-cache slots.
+        topk (int): candidates per head (every rank in the tree must be below it). Default 10.
+        on_step (Optional[Callable]): test hook, called after every step's eviction as
+            ``on_step(committed_tokens: List[int], length: int)``.
+
+    Returns:
+        GenerationOutput: tokens and :class:`GenerationStats`.
+
+    Raises:
+        ValueError: for a model without Medusa heads, an invalid tree, a tree deeper than the heads, an unknown
+            ``acceptance``, or a prompt that does not fit the cache.
+    """
+    if not _is_medusa(model) or getattr(model, "num_medusa_heads", 0) == 0:
+        raise ValueError("medusa_generate needs a MedusaTransformerDecoder with at least one head; use generate()")
+    if acceptance not in ("greedy", "typical"):
+        raise ValueError(f"acceptance must be 'greedy' or 'typical', got {acceptance!r}")
+    prompts = _check_prompts(prompts, max_new_tokens)
+    device = next(model.parameters()).device
+    tree = build_tree_buffers(medusa_choices, topk=topk, num_heads=model.num_medusa_heads, device=device)
+    root_only = build_tree_buffers([], topk=topk, device=device)
+    t_nodes = tree.num_nodes
+    stop = set(int(t) for t in stop_tokens)
+    sampling = temperature > 0.0
+    typical = acceptance == "typical" and sampling
+    gen = _generator(seed, device)
+    stats = GenerationStats(tree_size=t_nodes)
+    depth_hits = [0] * tree.max_depth
+    tree_steps = 0
+    out: List[List[int]] = []
+    if max_new_tokens == 0:
+        stats.stop_reasons = ["max_new_tokens"] * len(prompts)
+        return GenerationOutput([[] for _ in prompts], stats)
+    p_max = max(len(p) for p in prompts)
+    cache_len = _cache_budget(model, p_max + max_new_tokens + t_nodes, p_max, max_cache_len)
+    # Positions must stay below max_seq_len (RoPE table); slots below cache_len.
+    pos_limit = int(model.max_seq_len)
+    slots = torch.arange(cache_len, device=device)
+    ttfts = []
+
+    with _ReturnHidden(model), scoped_kv_cache(model, batch_size=1, cache_len=cache_len, dtype=_cache_dtype(model)):
+        caches = kv_caches(model)
+        _sync(device)
+        t0 = time.perf_counter()
+        for prompt in prompts:
+            t_prompt = time.perf_counter()
+            n = len(prompt)
+            tokens = torch.tensor([prompt], device=device)
+            mask = (slots[None, :n, None] >= slots[None, None, :]).clone()
+            h = model(tokens, mask=mask, input_pos=slots[None, :n])[0, -1]  # [d]
+            root = sample_next(model.project(h, 0), temperature=temperature, generator=gen)  # 0-dim
+            length = n  # committed tokens in the cache (slots 0..length-1)
+            emitted: List[int] = []
+            reason = None
+            pending = [int(root)]
+            ttfts.append(time.perf_counter() - t_prompt)
+            while True:
+                for t in pending:
+                    emitted.append(t)
+                    if t in stop:
+                        reason = "stop_token"
+                        break
+                    if len(emitted) >= max_new_tokens:
+                        reason = "max_new_tokens"
+                        break
+                if reason is not None:
+                    break
+                if length + t_nodes <= cache_len and length + tree.max_depth < pos_limit:
+                    step_tree = tree
+                elif length + 1 <= cache_len and length < pos_limit:
+                    step_tree = root_only
+                else:
+                    log.warning(
+                        "medusa_generate: stopping early, the KV cache is full (%d slots: max_cache_len=%s, "
+                        "model max_seq_len=%d)",
+                        cache_len,
+                        max_cache_len,
+                        model.max_seq_len,
+                    )
+                    reason = "cache_full"
+                    break
+                t_step = step_tree.num_nodes
+                cand = torch.cat([root.view(1), _head_candidates(model, h, step_tree.max_depth, topk)])
+                tree_tokens = cand[step_tree.tree_indices]  # [T]
+                hidden = model(
+                    tree_tokens[None],
+                    mask=_tree_mask(step_tree, length, cache_len, device),
+                    input_pos=(step_tree.depth + length)[None],
+                )[0]  # [T, d]
+                logits = model.project(hidden, 0)  # [T, v]
+                if typical:
+                    ok, logp = typical_node_mask(
+                        tree_tokens,
+                        logits,
+                        step_tree.parent,
+                        temperature=temperature,
+                        posterior_threshold=posterior_threshold,
+                        posterior_alpha=posterior_alpha,
+                    )
+                    best, acc = select_path(ok, step_tree.retrieve_indices, step_tree.retrieve_valid, logp)
+                    path = step_tree.retrieve_indices[best]  # [D+1]
+                    last = path[acc]
+                    nxt = sample_next(logits[last], temperature=temperature, generator=gen)
+                else:
+                    choice = sample_next(logits, temperature=temperature, generator=gen)  # [T]
+                    ok = greedy_node_mask(tree_tokens, choice, step_tree.parent)
+                    best, acc = select_path(ok, step_tree.retrieve_indices, step_tree.retrieve_valid)
+                    path = step_tree.retrieve_indices[best]
+                    last = path[acc]
+                    nxt = choice[last]
+                host = torch.cat([acc.view(1), tree_tokens[path], nxt.view(1)]).tolist()  # the step's one sync
+                a = host[0]
+                evict_to_path(caches, length=length, tree_size=t_step, accepted=path[: a + 1])
+                length += a + 1
+                h = hidden[last]
+                root = nxt
+                pending = host[2 : 2 + a] + [host[-1]]
+                stats.steps += 1
+                stats.accepted_per_step.append(a + 1)
+                if step_tree is tree:
+                    tree_steps += 1
+                    for k in range(a):
+                        depth_hits[k] += 1
+                if on_step is not None:
+                    on_step(list(prompt) + emitted + host[2 : 2 + a], length)
+            out.append(emitted)
+            stats.stop_reasons.append(reason)
+            # Rewind for the next prompt (stale rows stay masked out).
+            for c in caches:
+                c.cache_pos.sub_(length)
+        _sync(device)
+        stats.total_time_s = time.perf_counter() - t0
+    stats.new_tokens = sum(len(o) for o in out)
+    stats.mean_accepted = sum(stats.accepted_per_step) / len(stats.accepted_per_step) if stats.steps else 0.0
+    stats.per_head_acceptance = [hits / tree_steps if tree_steps else 0.0 for hits in depth_hits]
+    stats.time_to_first_token_s = sum(ttfts) / len(ttfts)
+    stats.tokens_per_second = stats.new_tokens / max(stats.total_time_s, 1e-9)
+    return GenerationOutput(out, stats)

@@ -1,0 +1,201 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+"""In-recipe validation of Medusa heads.
+
+Two measurements, both on held-out data:
+
+1. :func:`evaluate_heads` (teacher forcing, every rank on its share of the batches, sums all-reduced): per-head
+   loss and top-k accuracy against the data, and a ``[K, topk]`` *agreement table*: how often head ``k``'s rank-r
+   candidate at position ``t`` equals the base model's own greedy pick at ``t + k`` (the token greedy Medusa
+   decoding would have to accept). The table is teacher-forced along the held-out text, not along the model's
+   own greedy continuation as FasterDecoding's ``heads_accuracy.py`` does; on self-distilled data the two agree.
+2. :func:`evaluate_decoding` (rank 0, unsharded model): real Medusa tree decoding with KV-cache eviction
+   (:func:`torchtune_medusa.generation.medusa_generate`, greedy) on held-out prompts, reporting tau (mean tokens
+   per step, bonus token included) and per-head acceptance.
+
+:func:`calibrate_tree` turns the agreement table into the best prefix-closed tree of a given size
+(:func:`torchtune_medusa.generation.grow_tree`).
+"""
+
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torchtune_medusa.generation import grow_tree, medusa_generate
+
+__all__ = ["calibrate_tree", "evaluate_decoding", "evaluate_heads", "prompts_from_dataset"]
+
+
+@torch.no_grad()
+def evaluate_heads(
+    *,
+    batches: Sequence[Dict[str, torch.Tensor]],
+    hidden_fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor],
+    project: Callable[[torch.Tensor, int], torch.Tensor],
+    num_heads: int,
+    ignore_index: int,
+    topk: int = 10,
+    num_chunks: int = 8,
+    device: torch.device,
+    world_size: int = 1,
+) -> Dict[str, Any]:
+    """Teacher-forced per-head metrics on held-out batches.
+
+    Args:
+        batches: collated batches with ``tokens`` and (unshifted) ``labels`` (plus ``mask``/``input_pos`` when
+            packed). Every rank must pass the same number of batches (the forwards are collective under FSDP).
+        hidden_fn: ``batch -> [b, s, d]`` normed hidden state.
+        project: ``(hidden, head) -> logits`` (``model.project``).
+        num_heads (int): Medusa heads K.
+        ignore_index (int): label to ignore.
+        topk (int): width of the agreement table and the largest top-k accuracy. Default 10.
+        num_chunks (int): sequence chunks per projection (memory). Default 8.
+        device (torch.device): device of the sums.
+        world_size (int): ranks to all-reduce over.
+
+    Returns:
+        Dict[str, Any]: ``metrics`` (flat ``val/...`` floats: ``val/loss/{base,head_k}``, ``val/top1/...``,
+        ``val/top{topk}/...``, ``val/agree1/head_k``) and ``agreement`` (the ``[K, topk]`` table as lists).
+    """
+    k1 = num_heads + 1
+    loss_sums = torch.zeros(k1, dtype=torch.float64, device=device)
+    top1 = torch.zeros(k1, dtype=torch.float64, device=device)
+    topk_hits = torch.zeros(k1, dtype=torch.float64, device=device)
+    counts = torch.zeros(k1, dtype=torch.float64, device=device)
+    agree = torch.zeros(num_heads, topk, dtype=torch.float64, device=device)
+    agree_counts = torch.zeros(num_heads, dtype=torch.float64, device=device)
+    for batch in batches:
+        labels = batch["labels"]
+        # shift for the base head, as in training: labels[:, t] is the target of position t
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)
+        hidden = hidden_fn(batch)
+        seq_len = hidden.size(1)
+        chunk = max(1, -(-seq_len // num_chunks))
+        base_argmax = torch.empty_like(labels)
+        for start in range(0, seq_len, chunk):
+            end = min(seq_len, start + chunk)
+            logits = project(hidden[:, start:end], 0).float()
+            base_argmax[:, start:end] = logits.argmax(-1)
+            _accumulate(logits, labels[:, start:end], ignore_index, topk, 0, loss_sums, top1, topk_hits, counts)
+        for head in range(1, k1):
+            for start in range(0, seq_len - head, chunk):
+                end = min(seq_len - head, start + chunk)
+                logits = project(hidden[:, start:end], head).float()
+                tgt = labels[:, start + head : end + head]
+                _accumulate(logits, tgt, ignore_index, topk, head, loss_sums, top1, topk_hits, counts)
+                # agreement with the base model's greedy pick k positions later (what decoding accepts)
+                valid = tgt != ignore_index
+                ranks = logits.topk(min(topk, logits.size(-1)), dim=-1).indices
+                hit = (ranks == base_argmax[:, start + head : end + head].unsqueeze(-1)) & valid.unsqueeze(-1)
+                agree[head - 1, : hit.size(-1)] += hit.sum(dim=(0, 1)).double()
+                agree_counts[head - 1] += valid.sum().double()
+    if world_size > 1:
+        for t in (loss_sums, top1, topk_hits, counts, agree, agree_counts):
+            dist.all_reduce(t)
+    metrics: Dict[str, float] = {}
+    for h in range(k1):
+        if counts[h] == 0:
+            continue
+        name = "base" if h == 0 else f"head_{h}"
+        metrics[f"val/loss/{name}"] = float(loss_sums[h] / counts[h])
+        metrics[f"val/top1/{name}"] = float(top1[h] / counts[h])
+        metrics[f"val/top{topk}/{name}"] = float(topk_hits[h] / counts[h])
+    table = (agree / agree_counts.clamp(min=1).unsqueeze(-1)).tolist()
+    for h in range(num_heads):
+        metrics[f"val/agree1/head_{h + 1}"] = table[h][0]
+    return {"metrics": metrics, "agreement": table}
+
+
+def _accumulate(logits, targets, ignore_index, topk, head, loss_sums, top1, topk_hits, counts) -> None:
+    flat = logits.reshape(-1, logits.size(-1))
+    tgt = targets.reshape(-1)
+    valid = tgt != ignore_index
+    if not valid.any():
+        return
+    loss_sums[head] += torch.nn.functional.cross_entropy(
+        flat, tgt, ignore_index=ignore_index, reduction="sum"
+    ).double()
+    ranks = flat.topk(min(topk, flat.size(-1)), dim=-1).indices
+    hits = (ranks == tgt.unsqueeze(-1)) & valid.unsqueeze(-1)
+    top1[head] += hits[:, 0].sum().double()
+    topk_hits[head] += hits.any(-1).sum().double()
+    counts[head] += valid.sum().double()
+
+
+def prompts_from_dataset(dataset, num_prompts: int, ignore_index: int, max_prompt_len: int) -> List[List[int]]:
+    """Held-out prompts: for each of the first samples, the tokens before its first trained label (the user
+    turn and the assistant header of a chat sample), truncated on the left to ``max_prompt_len``. Samples
+    without trained labels or without a prompt part are skipped; text samples (every label trained) give their
+    first ``max_prompt_len // 2`` tokens."""
+    prompts: List[List[int]] = []
+    for i in range(len(dataset)):
+        if len(prompts) >= num_prompts:
+            break
+        sample = dataset[i]
+        tokens, labels = list(sample["tokens"]), list(sample["labels"])
+        first = next((j for j, lab in enumerate(labels) if lab != ignore_index), None)
+        if first is None:
+            continue
+        if first == 0:  # plain text: every token is trained
+            first = min(len(tokens), max(1, max_prompt_len // 2))
+        prompt = tokens[:first][-max_prompt_len:]
+        if prompt:
+            prompts.append(prompt)
+    return prompts
+
+
+@torch.no_grad()
+def evaluate_decoding(
+    model: nn.Module,
+    prompts: List[List[int]],
+    *,
+    max_new_tokens: int,
+    medusa_choices,
+    stop_tokens: Sequence[int] = (),
+    max_cache_len: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Greedy Medusa tree decoding of ``prompts`` (one after another) with KV-cache eviction.
+
+    Returns:
+        Dict[str, Any]: ``val/tau``, ``val/acceptance/head_k``, ``val/decode_tokens_per_second``,
+        ``val/decode_new_tokens`` and ``val/decode_steps``.
+    """
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        out = medusa_generate(
+            model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            medusa_choices=medusa_choices,
+            temperature=0.0,
+            acceptance="greedy",
+            stop_tokens=tuple(stop_tokens),
+            max_cache_len=max_cache_len,
+        )
+    finally:
+        model.train(was_training)
+    stats = out.stats
+    metrics: Dict[str, Any] = {
+        "val/tau": float(stats.mean_accepted),
+        "val/decode_steps": int(stats.steps),
+        "val/decode_new_tokens": int(stats.new_tokens),
+        "val/decode_tokens_per_second": float(stats.tokens_per_second),
+        "val/decode_wall_s": time.perf_counter() - t0,
+    }
+    for k, a in enumerate(stats.per_head_acceptance, start=1):
+        metrics[f"val/acceptance/head_{k}"] = float(a)
+    return metrics
+
+
+def calibrate_tree(agreement: Sequence[Sequence[float]], num_nodes: int) -> List[List[int]]:
+    """The most valuable prefix-closed tree of ``num_nodes`` nodes for the measured agreement table
+    (node value = product of the agreements along its path), as ``medusa_choices`` rank paths."""
+    return [list(path) for path, _ in grow_tree(agreement, num_nodes)]

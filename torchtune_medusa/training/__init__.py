@@ -1,0 +1,15 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+"""Training-side pieces that are not a recipe: the Medusa checkpointer (and the recipe helpers in
+``torchtune_medusa.training._recipe_utils`` / ``_validation``)."""
+
+from torchtune_medusa.training._checkpointer import HEAD_INIT_SEED, MEDUSA_KEY, MedusaHFCheckpointer
+
+__all__ = [
+    "HEAD_INIT_SEED",
+    "MEDUSA_KEY",
+    "MedusaHFCheckpointer",
+]

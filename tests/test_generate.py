@@ -24,6 +24,15 @@ from torchtune_medusa.generation import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models are dominated by per-op overhead; extra intra-op threads only spin (25x slower on a busy box).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _prompts(n, seed=0, lo=1, hi=12):
     rng = random.Random(seed)
     return [[rng.randrange(TINY["vocab_size"]) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
@@ -155,7 +164,7 @@ def test_medusa_greedy_equals_baseline_random_heads(model, tree):
 
 def test_medusa_greedy_equals_baseline_trained_heads(trained_model):
     taus = []
-    for tree in ["mc_sim_7b_63" if trained_model.num_medusa_heads >= 4 else topk_per_head_tree([4, 2, 2]), chain(3)]:
+    for tree in [topk_per_head_tree([4, 2, 2]), chain(3)]:
         for p in _prompts(12, seed=11, lo=2, hi=8):
             base = generate(trained_model, [p], max_new_tokens=30).tokens[0]
             med = medusa_generate(trained_model, [p], max_new_tokens=30, medusa_choices=tree)

@@ -299,7 +299,7 @@ def medusa_generate(
     prompts: List[List[int]],
     *,
     max_new_tokens: int,
-    medusa_choices=DEFAULT_MEDUSA_CHOICES,
+    medusa_choices=None,
     temperature: float = 0.0,
     acceptance: str = "greedy",
     posterior_threshold: float = 0.09,
@@ -344,7 +344,8 @@ def medusa_generate(
         prompts (List[List[int]]): token ids, one list per prompt.
         max_new_tokens (int): at most this many new tokens per prompt.
         medusa_choices: the tree, as rank paths or a name (``"mc_sim_7b_63"``, ``"chain4"``, ...). Its depth must
-            not exceed the number of heads. Default ``mc_sim_7b_63``.
+            not exceed the number of heads. Default (None): ``mc_sim_7b_63`` without the paths deeper than the
+            model's heads.
         temperature (float): 0 = greedy.
         acceptance (str): ``"greedy"`` or ``"typical"``.
         posterior_threshold (float): typical acceptance epsilon. Default 0.09.
@@ -369,6 +370,8 @@ def medusa_generate(
         raise ValueError(f"acceptance must be 'greedy' or 'typical', got {acceptance!r}")
     prompts = _check_prompts(prompts, max_new_tokens)
     device = next(model.parameters()).device
+    if medusa_choices is None:
+        medusa_choices = [p for p in DEFAULT_MEDUSA_CHOICES if len(p) <= model.num_medusa_heads]
     tree = build_tree_buffers(medusa_choices, topk=topk, num_heads=model.num_medusa_heads, device=device)
     root_only = build_tree_buffers([], topk=topk, device=device)
     t_nodes = tree.num_nodes

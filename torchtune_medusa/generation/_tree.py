@@ -12,6 +12,7 @@ Node ``i > 0`` is the i-th path after sorting by ``(len, path)``; it sits at dep
 """
 
 import heapq
+import operator
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -108,7 +109,15 @@ def resolve_choices(medusa_choices) -> List[Path]:
         if name.startswith("chain") and name[5:].isdigit():
             return chain(int(name[5:]))
         raise ValueError(f"unknown tree name {name!r}; known: {sorted(WELL_KNOWN_TREES)} or 'chain<N>'")
-    return [tuple(int(r) for r in p) for p in medusa_choices]
+    paths = []
+    for p in medusa_choices:
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
+            raise ValueError(f"each medusa_choices entry must be a sequence of ranks, got {p!r}")
+        try:
+            paths.append(tuple(operator.index(r) for r in p))  # ints (also numpy/torch ints), never floats
+        except TypeError:
+            raise ValueError(f"ranks must be integers, got path {p!r}") from None
+    return paths
 
 
 def validate_choices(medusa_choices, *, topk: int = DEFAULT_TOPK, num_heads: Optional[int] = None) -> List[Path]:

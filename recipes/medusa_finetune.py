@@ -53,6 +53,7 @@ from torchtune_medusa.training._recipe_utils import (
     indexed_collate,
     IndexedDataset,
     init_process_group_for_recipe,
+    load_full_tensors_inplace,
     load_optimizer_state,
     medusa_shard_condition,
     output_shard_condition,
@@ -346,6 +347,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 dp_mesh=device_mesh["dp"],
             )
         self.dp_size, self.dp_rank = self.world_size, self.rank
+        self._unshard_root_for_loss = self._sharded and not isinstance(model.output, nn.Module)
 
         with training.set_default_dtype(self._dtype), self._device:
             for m in model.modules():
@@ -548,6 +550,10 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 hidden = self._backbone_hidden_no_grad(batch)
         else:
             hidden = self._model(**self._model_inputs(batch))
+        if self._unshard_root_for_loss:
+            # A tied output (TiedLinear) reads the token embedding of the root FSDP unit outside the model's
+            # forward: gather the root's (small) parameters for the loss; resharded after backward.
+            self._model.unshard()
         if self._self_distill:
             if self._lora_param_names:
                 with torch.no_grad(), disable_adapter(self._model):
@@ -640,7 +646,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             log.warning(f"seed {self.seed} differs from the training state's {state['seed']}; using the latter")
             self.seed = state["seed"]
         weights = torch.load(path / "trainable.pt", weights_only=False)
-        training.load_from_full_model_state_dict(self._model, weights, self._device, strict=False)
+        load_full_tensors_inplace(self._model, weights, self._device)
         load_optimizer_state(
             self._optimizers, torch.load(path / "optimizer.pt", weights_only=False), self._param_names, self._device
         )
@@ -801,6 +807,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                     current_loss = current_loss * (self.world_size / num_tokens)
                 if current_loss.requires_grad:
                     current_loss.backward()
+                if self._unshard_root_for_loss:
+                    self._model.reshard()
 
                 if (idx + 1) % self._gradient_accumulation_steps != 0:
                     continue
@@ -897,6 +905,9 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
         if self._is_rank_zero:
             ckpt = {}
+            # gather_cpu_state_dict returns the live tensors for unsharded CPU models, and the LoRA merge works in
+            # place: copy first so that the model being trained is never touched
+            sd = {k: v.clone() for k, v in sd.items()}
             if self._lora_param_names:
                 adapter_sd = get_adapter_state_dict(sd)
                 sd = get_merged_lora_ckpt(sd, rank=self._lora_rank, alpha=self._lora_alpha)
@@ -904,7 +915,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 ckpt[training.ADAPTER_CONFIG] = {
                     "r": self._lora_rank,
                     "lora_alpha": self._lora_alpha,
-                    "target_modules": sorted({n.split(".")[-2] for n in self._lora_param_names if "lora_a" in n}),
+                    "target_modules": sorted({n.split(".")[-3] for n in self._lora_param_names if "lora_a" in n}),
                     "peft_type": "LORA",
                 }
             ckpt[training.MODEL_KEY] = sd

@@ -205,3 +205,191 @@ def test_loss_goes_down(medusa1_run):
     losses = [float(line.split("loss:")[1].split()[0]) for line in text.splitlines() if " loss:" in line]
     assert len(losses) >= 10
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+
+
+def _trainable_state(recipe):
+    return {n: p.detach().clone() for n, p in recipe._model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def medusa2_run(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("m2")
+    cfg = make_cfg(
+        assets, out, version=2, epochs=1, max_steps_per_epoch=6,
+        stages=[{"name": "heads_warmup", "steps": 3}, {"name": "joint"}],
+    )
+    torch.manual_seed(0)
+    from torchtune import config as tt_config
+
+    with torch.device("cpu"):
+        init = tt_config.instantiate(cfg.model)  # names only
+    recipe = run_recipe(cfg)
+    return out, recipe, {n for n, _ in init.named_parameters()}
+
+
+def test_medusa2_changes_only_adapters_and_heads(assets, medusa2_run):
+    out, recipe, names = medusa2_run
+    before = load_file(str(assets["hf"] / "model.safetensors"))
+    from torchtune.models.convert_weights import hf_to_tune
+
+    base = hf_to_tune(before, num_heads=4, num_kv_heads=2, dim=64)
+    final = _trainable_state(recipe)  # the live (unmerged) model after training
+    for k, v in base.items():
+        assert torch.equal(final[k], v), f"base weight {k} changed"
+    lora_b = [k for k in final if "lora_b" in k]
+    assert lora_b and any(final[k].abs().sum() > 0 for k in lora_b), "adapters did not train"
+    # merged output differs from the base where LoRA applies
+    merged = base_weights(out, 0)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(merged["model.layers.0.mlp.gate_proj.weight"], before["model.layers.0.mlp.gate_proj.weight"])
+    assert (out / "epoch_0" / "medusa_lm_head.safetensors").is_file()
+
+
+def test_stage_switch_at_configured_step(medusa2_run):
+    out, _, _ = medusa2_run
+    text = read_log(out)
+    stages = {}
+    for line in text.splitlines():
+        if " stage:" in line:
+            step = int(line.split("Step ")[1].split()[0].rstrip("|"))
+            stages[step] = float(line.split("stage:")[1].split()[0])
+    assert stages == {1: 0.0, 2: 0.0, 3: 0.0, 4: 1.0, 5: 1.0, 6: 1.0}, stages
+
+
+def _run_killed_and_resumed(assets, tmp_path, kill_after_steps, **kw):
+    """Run `kill_after_steps` steps (saving then stopping, as a kill would), then resume to the end."""
+    out = tmp_path / "resumed"
+    cfg = make_cfg(assets, out, **kw)
+    cfg.save_every_n_steps = kill_after_steps
+    recipe = recipe_mod.MedusaFinetuneRecipe(cfg)
+    recipe.setup(cfg)
+    # stop right after the state of step `kill_after_steps` is on disk
+    orig = recipe._save_training_state
+
+    class Killed(Exception):
+        pass
+
+    def save_and_die():
+        orig()
+        if recipe.global_step == kill_after_steps:
+            raise Killed()
+
+    recipe._save_training_state = save_and_die
+    with pytest.raises(Killed):
+        recipe.train()
+    import torch.distributed as dist
+
+    recipe._metric_logger.close()
+    dist.destroy_process_group()
+    cfg.resume_from_checkpoint = True
+    return run_recipe(cfg), out
+
+
+@pytest.mark.parametrize("kill_after", [5, 8])  # mid-epoch, epoch end (8 steps per epoch)
+def test_resume_equals_uninterrupted(assets, medusa1_run, tmp_path, kill_after):
+    ref_out, ref = medusa1_run
+    resumed, out = _run_killed_and_resumed(assets, tmp_path, kill_after)
+    a, b = _trainable_state(ref), _trainable_state(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.global_step == ref.global_step
+
+
+def test_hidden_cache_trains_heads(assets, tmp_path):
+    out = tmp_path / "cached"
+    cfg = make_cfg(assets, out, cache_hidden_states=True, epochs=1, max_steps_per_epoch=4)
+    recipe = run_recipe(cfg)
+    assert recipe._hidden_cache is not None and len(recipe._hidden_cache) == 32
+    # cached hidden states equal a fresh backbone forward (no padding involved for a single sample)
+    sample = recipe._dataset[0]
+    batch = recipe._collate([sample])
+    fresh = recipe._backbone_hidden_no_grad(batch)
+    cached = recipe._hidden_cache.batch(batch["_index"], batch["tokens"].size(1), torch.device("cpu"))
+    torch.testing.assert_close(fresh, cached)
+
+
+def test_validation_reports_tau_and_tree(assets, tmp_path):
+    out = tmp_path / "val"
+    cfg = make_cfg(
+        assets, out, epochs=1, max_steps_per_epoch=4,
+        validation={
+            "dataset": {"_component_": "torchtune_medusa.data.medusa_chat_dataset",
+                        "data_files": str(assets["heldout"]), "max_seq_len": 96},
+            "every_n_steps": 2, "num_prompts": 3, "max_new_tokens": 12, "calibrate_tree_nodes": 6,
+        },
+    )
+    run_recipe(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    val = metrics["validation"]
+    assert val["val/tau"] >= 1.0
+    assert "val/loss/head_1" in val and "val/top1/head_3" in val
+    tree = json.loads((out / "epoch_0" / "medusa_choices.json").read_text())["medusa_choices"]
+    assert len(tree) == 6 and all(len(p) >= 1 for p in tree)
+    assert "val/tau" in read_log(out)
+
+
+def test_validation_tau_is_one_when_heads_always_miss(assets):
+    """Heads forced to always propose a token the base model never picks: real decoding accepts nothing."""
+    from torchtune_medusa.models import medusa_smollm2
+    from torchtune_medusa.training._validation import evaluate_decoding
+
+    torch.manual_seed(0)
+    model = medusa_smollm2(**TINY_ARGS, rope_base=10_000, medusa_num_heads=3).eval()
+    prompts = [[5, 17, 42, 9], [100, 3, 77]]
+    from torchtune_medusa.generation import generate
+
+    picked = set(t for row in generate(model, prompts, max_new_tokens=20).tokens for t in row)
+    never = next(t for t in range(TINY_ARGS["vocab_size"]) if t not in picked)
+    with torch.no_grad():
+        for head in model.medusa_heads:
+            head[0].linear.weight.zero_()
+            head[0].linear.bias.fill_(30.0)  # block output ~ h + 30
+            head[1].weight.zero_()
+            head[1].weight[never] = 1.0  # logit of `never` ~ 30 * d, all others ~ 0
+    m = evaluate_decoding(model, prompts, max_new_tokens=20, medusa_choices=[[0], [0, 0], [0, 0, 0]])
+    assert m["val/tau"] == 1.0
+    assert all(m[f"val/acceptance/head_{k}"] == 0.0 for k in (1, 2, 3))
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        ({"stages": [{"name": "warmupp", "steps": 2}]}, ValueError, "unknown stage name"),
+        ({"model.lora_rank": 8}, ValueError, "LoRA options"),
+        ({"stages": ["joint"]}, ValueError, "Medusa-1 trains the heads only"),
+        ({"dataset.data_files": "/nonexistent/train.jsonl"}, FileNotFoundError, "dataset file not found"),
+        ({"checkpointer.medusa_num_heads": 5}, ValueError, "must agree"),
+        ({"medusa_version": 3}, ValueError, "medusa_version"),
+    ],
+)
+def test_bad_config_fails_before_heavy_work(assets, tmp_path, overrides, error, match):
+    cfg = make_cfg(assets, tmp_path / "bad", **overrides)
+    with pytest.raises(error, match=match):
+        recipe_mod.check_config(cfg)
+
+
+def test_head_count_mismatch_with_head_checkpoint(assets, medusa1_run, tmp_path):
+    out, _ = medusa1_run  # epoch_1 holds a 3-head sidecar
+    cfg = make_cfg(assets, tmp_path / "mismatch", **{"model.medusa_num_heads": 4, "checkpointer.medusa_num_heads": 4,
+                                                      "checkpointer.medusa_checkpoint_dir": str(out / "epoch_1")})
+    with pytest.raises(ValueError, match="has 3 Medusa heads"):
+        recipe_mod.check_config(cfg)
+
+
+def test_single_process_equals_two_process_fsdp(assets, tmp_path):
+    """Same global batch (1 x 4 vs 2 x 2): the FSDP run ends with the single-process weights."""
+    outs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"np{nproc}"
+        cfg = make_cfg(assets, out, epochs=1, max_steps_per_epoch=3, batch_size=4 // nproc, shuffle=False,
+                       **{"model.medusa_num_heads": 2, "checkpointer.medusa_num_heads": 2})
+        cfg_path = tmp_path / f"np{nproc}.yaml"
+        OmegaConf.save(cfg, cfg_path)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(RECIPE), "--config", str(cfg_path)]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-4000:]
+        outs[nproc] = heads_sidecar(out, 0)
+    for k in outs[1]:
+        torch.testing.assert_close(outs[1][k], outs[2][k], rtol=1e-5, atol=1e-6, msg=k)

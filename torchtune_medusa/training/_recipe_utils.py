@@ -40,6 +40,7 @@ __all__ = [
     "gather_full_tensors",
     "indexed_collate",
     "init_process_group_for_recipe",
+    "load_full_tensors_inplace",
     "load_optimizer_state",
     "medusa_shard_condition",
     "parse_stages",
@@ -234,6 +235,25 @@ def gather_full_tensors(named: Iterable[Tuple[str, torch.Tensor]], is_rank_zero:
         if is_rank_zero:
             out[name] = full.cpu().clone()
     return out
+
+
+def load_full_tensors_inplace(model: nn.Module, full: Dict[str, torch.Tensor], device: torch.device) -> None:
+    """Copy full tensors into the model's (possibly sharded) parameters **in place**, so that optimizers built
+    over those parameters keep pointing at them (``load_state_dict(assign=True)`` would replace them).
+
+    Raises:
+        KeyError: if ``full`` names a parameter the model does not have.
+    """
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in full.items():
+            if name not in params:
+                raise KeyError(f"training state has {name!r}, which the model does not have")
+            p = params[name]
+            value = value.to(device=device, dtype=p.dtype)
+            if isinstance(p, DTensor):
+                value = distribute_tensor(value, p.device_mesh, p.placements)
+            p.copy_(value)
 
 
 def save_optimizer_state(

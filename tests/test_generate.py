@@ -5,13 +5,14 @@
 # LICENSE file in the root directory of this source tree.
 
 import copy
+import functools
 import random
 
 import pytest
 import torch
+from common import TINY, tiny_medusa
 from torchtune.models.llama3_1 import llama3_1
 
-from common import TINY, tiny_medusa
 from torchtune_medusa.generation import (
     chain,
     generate,
@@ -54,29 +55,38 @@ def model():
     return tiny_medusa(num_heads=4)
 
 
-@pytest.fixture(scope="module")
-def trained_model():
+@functools.cache
+def train_tiny_heads(num_heads: int = 3, steps: int = 300):
     """Tiny model whose heads were trained on the base model's own greedy continuations, so that they are right
-    often but not always (acceptance > 1 and rejections both happen)."""
-    m = tiny_medusa(num_heads=3, seed=1, randomize_heads=False)
+    often but not always (acceptance > 1 and rejections both happen). Also returns the training sequences."""
+    m = tiny_medusa(num_heads=num_heads, seed=1, randomize_heads=False)
     prompts = _prompts(48, seed=123, lo=2, hi=6)
     outs = generate(m, prompts, max_new_tokens=40).tokens  # batched: the data generator's usage
     data = torch.tensor([(p + o)[:42] for p, o in zip(prompts, outs)])
-    k = m.num_medusa_heads
     opt = torch.optim.Adam(m.medusa_heads.parameters(), lr=3e-2)
     m.set_return_hidden(True)
     with torch.no_grad():
         h = m(data)  # [n, s, d]; the backbone is frozen
     m.set_return_hidden(False)
-    for _ in range(300):
+    for _ in range(steps):
         loss = 0.0
-        for j in range(1, k + 1):
+        for j in range(1, num_heads + 1):
             logits = m.project(h[:, : -(j + 1)], j)
             loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), data[:, j + 1 :].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return m.eval()
+    return m.eval(), data
+
+
+@pytest.fixture(scope="module")
+def trained_model():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_tiny_heads()[0]
+    finally:
+        torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------- baseline
@@ -267,19 +277,35 @@ def test_typical_acceptance_generation(trained_model):
     p = _prompts(1, seed=15, lo=3, hi=3)[0]
     tree = topk_per_head_tree([3, 2, 2])
     loose = medusa_generate(
-        trained_model, [p], max_new_tokens=30, medusa_choices=tree, temperature=0.8, acceptance="typical",
-        posterior_threshold=0.0, posterior_alpha=0.0, seed=0,
+        trained_model,
+        [p],
+        max_new_tokens=30,
+        medusa_choices=tree,
+        temperature=0.8,
+        acceptance="typical",
+        posterior_threshold=0.0,
+        posterior_alpha=0.0,
+        seed=0,
     )
     assert all(a == 4 for a in loose.stats.accepted_per_step[:-1])  # threshold 0: every path fully accepted
     strict = medusa_generate(
-        trained_model, [p], max_new_tokens=30, medusa_choices=tree, temperature=0.8, acceptance="typical",
-        posterior_threshold=1.0, posterior_alpha=1e9, seed=0,
+        trained_model,
+        [p],
+        max_new_tokens=30,
+        medusa_choices=tree,
+        temperature=0.8,
+        acceptance="typical",
+        posterior_threshold=1.0,
+        posterior_alpha=1e9,
+        seed=0,
     )
     assert strict.stats.mean_accepted == 1.0  # threshold 1: nothing accepted
-    a = medusa_generate(trained_model, [p], max_new_tokens=30, temperature=0.8, acceptance="typical", seed=3,
-                        medusa_choices=tree)
-    b = medusa_generate(trained_model, [p], max_new_tokens=30, temperature=0.8, acceptance="typical", seed=3,
-                        medusa_choices=tree)
+    a = medusa_generate(
+        trained_model, [p], max_new_tokens=30, temperature=0.8, acceptance="typical", seed=3, medusa_choices=tree
+    )
+    b = medusa_generate(
+        trained_model, [p], max_new_tokens=30, temperature=0.8, acceptance="typical", seed=3, medusa_choices=tree
+    )
     assert a.tokens == b.tokens and len(a.tokens[0]) == 30
     # typical at temperature 0 is greedy
     g = medusa_generate(trained_model, [p], max_new_tokens=20, acceptance="typical", medusa_choices=tree)

@@ -7,8 +7,8 @@
 
 import pytest
 import torch
-
 from common import tiny_medusa
+
 from torchtune_medusa.generation import build_tree_buffers, evict_to_path, kv_caches, scoped_kv_cache
 
 TREE = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0)]
@@ -51,8 +51,10 @@ def test_evict_every_path(model, node):
         tree_hidden = model(tree_tokens[None], mask=mask, input_pos=(tree.depth + length)[None])
         evict_to_path(kv_caches(model), length=length, tree_size=tree.num_nodes, accepted=torch.tensor(path))
         new_len = length + len(path)
-        got = [(c.k_cache[:, :, :new_len].clone(), c.v_cache[:, :, :new_len].clone(), int(c.cache_pos[0]))
-               for c in kv_caches(model)]
+        got = [
+            (c.k_cache[:, :, :new_len].clone(), c.v_cache[:, :, :new_len].clone(), int(c.cache_pos[0]))
+            for c in kv_caches(model)
+        ]
         # one more plain decoding step continues correctly from the compacted cache
         step_mask = torch.zeros(1, 1, cache_len, dtype=torch.bool)
         step_mask[..., : new_len + 1] = True

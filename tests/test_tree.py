@@ -20,7 +20,12 @@ from torchtune_medusa.generation import (
 
 
 def test_well_known_trees():
-    assert tree_stats(MC_SIM_7B_63) == {"nodes": 63, "tree_tokens": 64, "leaves": 42, "nodes_per_depth": [10, 28, 23, 2]}
+    assert tree_stats(MC_SIM_7B_63) == {
+        "nodes": 63,
+        "tree_tokens": 64,
+        "leaves": 42,
+        "nodes_per_depth": [10, 28, 23, 2],
+    }
     for name, tree in WELL_KNOWN_TREES.items():
         b = build_tree_buffers(tree, num_heads=4)
         assert b.num_nodes == 64, name

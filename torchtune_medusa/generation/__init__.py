@@ -6,6 +6,16 @@
 """Decoding: the autoregressive baseline, Medusa tree decoding with KV-cache eviction, candidate trees and
 tree calibration."""
 
+from torchtune_medusa.generation._calibration import (
+    calibrate_tree,
+    CalibratedTree,
+    expected_tokens_per_step,
+    load_tree,
+    measure_head_accuracies,
+    measure_step_cost,
+    save_tree,
+    TREE_FILENAME,
+)
 from torchtune_medusa.generation._generate import (
     DEFAULT_MEDUSA_CHOICES,
     generate,
@@ -31,14 +41,22 @@ from torchtune_medusa.generation._tree import (
     tree_stats,
     TreeBuffers,
     validate_choices,
+    VICUNA_7B_STAGE2,
     VICUNA_13B_STAGE2,
     VICUNA_33B_STAGE2,
-    VICUNA_7B_STAGE2,
     WELL_KNOWN_TREES,
     ZEPHYR_STAGE2,
 )
 
 __all__ = [
+    "CalibratedTree",
+    "TREE_FILENAME",
+    "calibrate_tree",
+    "expected_tokens_per_step",
+    "load_tree",
+    "measure_head_accuracies",
+    "measure_step_cost",
+    "save_tree",
     "DEFAULT_MEDUSA_CHOICES",
     "GenerationOutput",
     "GenerationStats",

@@ -16,7 +16,7 @@ where it is needed (the last position of a prefill, the tree tokens of a step, t
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn

@@ -13,6 +13,7 @@ Node ``i > 0`` is the i-th path after sorting by ``(len, path)``; it sits at dep
 
 import heapq
 import operator
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -101,14 +102,21 @@ def topk_per_head_tree(topk_per_head: Sequence[int]) -> List[Path]:
 
 
 def resolve_choices(medusa_choices) -> List[Path]:
-    """Accept a tree name (``"mc_sim_7b_63"``, ``"chain4"``) or a list of rank paths; return tuples."""
+    """Accept a tree name (``"mc_sim_7b_63"``, ``"chain4"``), a tree saved by ``save_tree`` (a ``.json`` file or
+    a directory holding ``medusa_choices.json``), or a list of rank paths; return tuples."""
     if isinstance(medusa_choices, str):
         name = medusa_choices
         if name in WELL_KNOWN_TREES:
             return list(WELL_KNOWN_TREES[name])
         if name.startswith("chain") and name[5:].isdigit():
             return chain(int(name[5:]))
-        raise ValueError(f"unknown tree name {name!r}; known: {sorted(WELL_KNOWN_TREES)} or 'chain<N>'")
+        if name.endswith(".json") or os.path.isdir(name):
+            from torchtune_medusa.generation._calibration import load_tree
+
+            return load_tree(name)[0]
+        raise ValueError(
+            f"unknown tree name {name!r}; known: {sorted(WELL_KNOWN_TREES)}, 'chain<N>', or a saved tree's .json path"
+        )
     paths = []
     for p in medusa_choices:
         if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):

@@ -1,0 +1,104 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+
+import random
+
+import pytest
+import torch
+from test_generate import _prompts, train_tiny_heads
+
+from torchtune_medusa.generation import (
+    build_tree_buffers,
+    calibrate_tree,
+    chain,
+    expected_tokens_per_step,
+    generate,
+    grow_tree,
+    load_tree,
+    measure_head_accuracies,
+    measure_step_cost,
+    medusa_generate,
+    save_tree,
+)
+
+ACC = [[0.6, 0.2, 0.1, 0.05], [0.4, 0.15, 0.1, 0.05], [0.3, 0.1, 0.05, 0.02]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_grow_tree_is_best_first_and_prefix_closed():
+    nodes = grow_tree(ACC, 20)
+    values = [v for _, v in nodes]
+    assert values == sorted(values, reverse=True)
+    for n in range(1, 21):
+        build_tree_buffers([p for p, _ in nodes[:n]], topk=4, num_heads=3)  # valid at every size
+    assert nodes[0] == ((0,), 0.6) and nodes[1][0] == (0, 0)
+    assert nodes[1][1] == pytest.approx(0.24)
+
+
+def test_expected_tokens_formula():
+    assert expected_tokens_per_step(chain(3), ACC) == pytest.approx(1 + 0.6 + 0.6 * 0.4 + 0.6 * 0.4 * 0.3)
+    assert expected_tokens_per_step([(0,), (1,), (1, 0)], ACC) == pytest.approx(1 + 0.6 + 0.2 + 0.2 * 0.4)
+
+
+def test_calibrate_tree_follows_cost():
+    flat = calibrate_tree(ACC, {1: 1.0, 64: 1.0}, max_nodes=30)
+    assert len(flat.medusa_choices) == 30  # free verification: take every node offered
+    steep = calibrate_tree(ACC, {1: 1.0, 2: 3.0, 64: 100.0}, max_nodes=30)
+    assert steep.medusa_choices == [] and steep.expected_speedup == pytest.approx(1.0)  # plain decoding wins
+    mid = calibrate_tree(ACC, lambda t: 1.0 + 0.02 * (t - 1), max_nodes=60)
+    assert 0 < len(mid.medusa_choices) < 60
+    best = max(mid.sizes, key=lambda s: s["tokens_per_s"])
+    assert best["nodes"] == len(mid.medusa_choices)
+    assert mid.expected_tokens_per_step == pytest.approx(expected_tokens_per_step(mid.medusa_choices, ACC))
+    assert mid.expected_speedup == pytest.approx(best["tokens_per_s"] * 1.0)
+
+
+def test_save_load_roundtrip(tmp_path):
+    tree = calibrate_tree(ACC, {1: 1.0, 16: 1.2, 64: 2.0}, meta={"model": "tiny"})
+    path = save_tree(tmp_path, tree)
+    assert path.name == "medusa_choices.json"
+    choices, record = load_tree(tmp_path)
+    assert [list(p) for p in choices] == sorted(tree.medusa_choices, key=lambda p: (len(p), p))
+    assert record["meta"] == {"model": "tiny"} and record["head_accuracies"] == ACC
+    assert record["step_cost"] == {"1": 1.0, "16": 1.2, "64": 2.0}
+    save_tree(tmp_path / "chain.json", chain(2), note="x")
+    assert build_tree_buffers(str(tmp_path / "chain.json")).choices == chain(2)
+
+
+def test_measured_accuracies_predict_acceptance():
+    model, data = train_tiny_heads()
+    acc = measure_head_accuracies(model, data.tolist(), topk=4)
+    assert acc.shape == (3, 4)
+    assert bool((acc.sum(-1) <= 1 + 1e-9).all())
+    assert acc[0, 0] > 0.3  # far above chance (1/128)
+    # Held-out greedy continuations: the predicted tau of a chain tracks the measured one.
+    prompts = _prompts(10, seed=99, lo=2, hi=6)
+    held_out = [p + o for p, o in zip(prompts, generate(model, prompts, max_new_tokens=30).tokens)]
+    acc_held = measure_head_accuracies(model, held_out, topk=4)
+    predicted = expected_tokens_per_step(chain(3), acc_held)
+    measured = medusa_generate(model, prompts, max_new_tokens=30, medusa_choices=chain(3)).stats.mean_accepted
+    assert abs(predicted - measured) / measured < 0.35, (predicted, measured)
+
+
+def test_measure_step_cost_and_calibrate_end_to_end(tmp_path):
+    model, data = train_tiny_heads()
+    cost = measure_step_cost(model, (1, 4, 16), context_len=32, repeats=3)
+    assert set(cost) == {1, 4, 16} and all(v > 0 for v in cost.values())
+    assert not model.caches_are_setup()
+    tree = calibrate_tree(measure_head_accuracies(model, data.tolist()[:8]), cost, max_nodes=15)
+    save_tree(tmp_path, tree)
+    choices, _ = load_tree(tmp_path)
+    p = random.Random(0).sample(range(128), 5)
+    out = medusa_generate(model, [p], max_new_tokens=12, medusa_choices=str(tmp_path / "medusa_choices.json"))
+    assert out.tokens[0] == generate(model, [p], max_new_tokens=12).tokens[0]
+    assert out.stats.tree_size == len(choices) + 1

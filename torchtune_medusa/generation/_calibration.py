@@ -1,0 +1,322 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+"""Tree calibration: pick the candidate tree that maximises expected tokens per second on *this* hardware.
+
+Inputs are two measurements:
+
+* **head accuracies** ``acc[k][r]`` = P(head k+1's rank-r candidate is the right token), from the training loss
+  metrics or from :func:`measure_head_accuracies` (teacher-forced over held-out sequences);
+* **step cost** ``cost(T)`` = seconds of one tree step with ``T`` tree tokens at a given context length, from
+  :func:`measure_step_cost`.
+
+With one right token per depth, at most one child of a node can be right, so the expected number of tokens a step
+produces is ``1 + sum over nodes of prod(acc along the node's path)`` (the 1 is the bonus token), assuming the
+heads are independent. :func:`calibrate_tree` grows the tree node by node in order of that value (best first,
+keeping it prefix-closed), evaluates ``expected_tokens(n) / cost(n + 1)`` at every size and keeps the best size,
+which may be 0 nodes (plain decoding) when the heads are poor or verification is expensive. FasterDecoding's search
+only counts nodes (a fixed 63) and hard-codes its data size; here both the accuracy denominators and the hardware's
+cost curve are measured.
+"""
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from torchtune_medusa.generation._kv import kv_caches, scoped_kv_cache
+from torchtune_medusa.generation._tree import build_tree_buffers, grow_tree
+from torchtune_medusa.generation._tree import Path as RankPath
+
+TREE_FILENAME = "medusa_choices.json"
+TREE_FORMAT = "torchtune_medusa.tree/1"
+
+
+@torch.inference_mode()
+def measure_head_accuracies(
+    model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    *,
+    topk: int = 10,
+    num_heads: Optional[int] = None,
+) -> torch.Tensor:
+    """Teacher-forced top-k accuracy of every Medusa head over held-out token sequences.
+
+    Head k at position t predicts the token at ``t + k + 1``; a hit at rank r means that token is head k's r-th
+    most likely (strictly higher logits count, so ties favour the target). For decoding, the right token is the
+    one the base model would produce, so sequences the base model generated itself (greedy continuations, the
+    self-distillation data) measure exactly what acceptance needs; human-written text gives a lower bound.
+
+    Args:
+        model (nn.Module): a :class:`~torchtune_medusa.modules.MedusaTransformerDecoder` without KV caches.
+        sequences (Sequence[Sequence[int]]): token sequences; each is run alone (no padding).
+        topk (int): ranks to count. Default 10.
+        num_heads (Optional[int]): measure only the first heads. Default all.
+
+    Returns:
+        torch.Tensor: ``[K, topk]`` float64, ``acc[k, r]`` = hits at rank r / positions for head k+1.
+    """
+    k_total = model.num_medusa_heads if num_heads is None else min(num_heads, model.num_medusa_heads)
+    hits = torch.zeros(k_total, topk, dtype=torch.float64)
+    counts = torch.zeros(k_total, dtype=torch.float64)
+    prev = getattr(model, "return_hidden", False)
+    device = next(model.parameters()).device
+    model.set_return_hidden(True)
+    try:
+        for seq in sequences:
+            tokens = torch.as_tensor(list(seq), device=device)[None]
+            s = tokens.shape[1]
+            h = model(tokens)[0]  # [s, d]
+            for k in range(1, k_total + 1):
+                if s <= k + 1:
+                    continue
+                logits = model.project(h[: s - k - 1], k).float()  # [s-k-1, v]
+                target = tokens[0, k + 1 :]
+                rank = (logits > logits.gather(-1, target[:, None])).sum(-1)  # [s-k-1]
+                rank = rank[rank < topk].cpu()
+                hits[k - 1] += torch.bincount(rank, minlength=topk).double()
+                counts[k - 1] += s - k - 1
+    finally:
+        model.set_return_hidden(prev)
+    return hits / counts.clamp(min=1)[:, None]
+
+
+def _tree_step_inputs(t: int, length: int, cache_len: int, device):
+    mask = torch.zeros(1, t, cache_len, dtype=torch.bool, device=device)
+    mask[:, :, :length] = True
+    mask[0, :, length : length + t] = torch.tril(torch.ones(t, t, dtype=torch.bool, device=device))
+    pos = torch.arange(length, length + t, device=device)[None]
+    return mask, pos
+
+
+@torch.inference_mode()
+def measure_step_cost(
+    model: nn.Module,
+    tree_sizes: Sequence[int] = (1, 4, 16, 32, 64),
+    *,
+    context_len: int = 256,
+    repeats: int = 5,
+    warmup: int = 1,
+) -> Dict[int, float]:
+    """Median seconds of one decoding step that verifies ``T`` tree tokens, for each ``T`` in ``tree_sizes``.
+
+    A step is what :func:`~torchtune_medusa.generation.medusa_generate` does per tree: the heads' top-k at one
+    position, a forward of ``T`` tokens over a cache holding ``context_len`` tokens, the base logits of the ``T``
+    tokens, and the cache roll-back. (The attention cost does not depend on the mask's pattern, so a chain mask is
+    used.) Caches are created for the measurement and removed afterwards.
+
+    Args:
+        model (nn.Module): a Medusa (or plain) torchtune decoder.
+        tree_sizes (Sequence[int]): tree tokens per step to time (root included).
+        context_len (int): tokens already in the cache.
+        repeats (int): timed repetitions; the median is returned.
+        warmup (int): untimed repetitions first.
+
+    Returns:
+        Dict[int, float]: ``{T: seconds}``.
+    """
+    device = next(model.parameters()).device
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    medusa = hasattr(model, "project")
+    cache_len = context_len + max(tree_sizes)
+    if cache_len > model.max_seq_len:
+        raise ValueError(f"context_len + max tree size = {cache_len} exceeds the model's max_seq_len")
+    vocab = model.tok_embeddings.num_embeddings
+    gen = torch.Generator().manual_seed(0)
+    ctx = torch.randint(0, vocab, (1, context_len), generator=gen).to(device)
+    prev = getattr(model, "return_hidden", False)
+    out: Dict[int, float] = {}
+    with scoped_kv_cache(model, batch_size=1, cache_len=cache_len, dtype=dtype):
+        if medusa:
+            model.set_return_hidden(True)
+        try:
+            slots = torch.arange(cache_len, device=device)
+            h = model(
+                ctx, mask=slots[None, :context_len, None] >= slots[None, None, :], input_pos=slots[None, :context_len]
+            )
+            caches = kv_caches(model)
+            last = h[0, -1] if medusa else None
+            for t in tree_sizes:
+                mask, pos = _tree_step_inputs(t, context_len, cache_len, device)
+                toks = torch.randint(0, vocab, (1, t), generator=gen).to(device)
+                times = []
+                for i in range(warmup + repeats):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    t0 = time.perf_counter()
+                    if medusa:
+                        for k in range(1, model.num_medusa_heads + 1):
+                            torch.topk(model.project(last, k), 10)
+                        hid = model(toks, mask=mask, input_pos=pos)
+                        model.project(hid[0], 0).argmax(-1).tolist()
+                    else:
+                        model(toks, mask=mask, input_pos=pos)[0].argmax(-1).tolist()
+                    for c in caches:
+                        c.cache_pos.sub_(t)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    if i >= warmup:
+                        times.append(time.perf_counter() - t0)
+                out[int(t)] = sorted(times)[len(times) // 2]
+        finally:
+            if medusa:
+                model.set_return_hidden(prev)
+    return out
+
+
+def _cost_fn(step_cost: Union[Mapping[int, float], Callable[[int], float]]) -> Callable[[int], float]:
+    if callable(step_cost):
+        return step_cost
+    pts = sorted((int(k), float(v)) for k, v in step_cost.items())
+    if not pts:
+        raise ValueError("step_cost is empty")
+
+    def cost(t: int) -> float:  # piecewise-linear, extrapolated with the last segment's slope
+        if len(pts) == 1:
+            return pts[0][1]
+        if t <= pts[0][0]:
+            (x0, y0), (x1, y1) = pts[0], pts[1]
+        elif t >= pts[-1][0]:
+            (x0, y0), (x1, y1) = pts[-2], pts[-1]
+        else:
+            i = next(i for i in range(1, len(pts)) if pts[i][0] >= t)
+            (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        return max(y0 + (y1 - y0) * (t - x0) / (x1 - x0), 1e-12)
+
+    return cost
+
+
+@dataclass
+class CalibratedTree:
+    """The chosen tree and the numbers it was chosen with.
+
+    Attributes:
+        medusa_choices (List[List[int]]): the tree (pass to ``medusa_generate``).
+        expected_tokens_per_step (float): predicted tau, bonus token included.
+        expected_step_cost_s (float): interpolated cost of one step of this tree.
+        expected_speedup (float): predicted tokens/s relative to plain decoding (a 1-token step).
+        head_accuracies (List[List[float]]): the ``[K, topk]`` table used.
+        step_cost (Dict[int, float]): the measured ``{T: seconds}`` used (empty if a callable was given).
+        sizes (List[Dict[str, float]]): for every grown size: ``nodes``, ``tree_tokens``, ``expected_tau``,
+            ``cost_s``, ``tokens_per_s``.
+        meta (Dict[str, object]): free-form (model name, context length, device...).
+    """
+
+    medusa_choices: List[List[int]]
+    expected_tokens_per_step: float
+    expected_step_cost_s: float
+    expected_speedup: float
+    head_accuracies: List[List[float]]
+    step_cost: Dict[int, float] = field(default_factory=dict)
+    sizes: List[Dict[str, float]] = field(default_factory=list)
+    meta: Dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, object]:
+        d = asdict(self)
+        d["step_cost"] = {str(k): v for k, v in self.step_cost.items()}
+        d["format"] = TREE_FORMAT
+        return d
+
+
+def expected_tokens_per_step(medusa_choices, head_accuracies) -> float:
+    """``1 + sum over nodes of prod(acc[depth][rank] along the path)`` (assumes independent heads)."""
+    acc = [list(map(float, row)) for row in head_accuracies]
+    total = 1.0
+    for path in build_tree_buffers(medusa_choices, topk=len(acc[0]) if acc else 10, num_heads=len(acc)).choices:
+        v = 1.0
+        for d, r in enumerate(path):
+            v *= acc[d][r]
+        total += v
+    return total
+
+
+def calibrate_tree(
+    head_accuracies: Union[torch.Tensor, Sequence[Sequence[float]]],
+    step_cost: Union[Mapping[int, float], Callable[[int], float]],
+    *,
+    max_nodes: int = 63,
+    meta: Optional[Dict[str, object]] = None,
+) -> CalibratedTree:
+    """Grow the tree with the most expected tokens per second.
+
+    Args:
+        head_accuracies: ``[K, topk]``, ``acc[k][r]`` = P(head k+1's rank-r candidate is right).
+        step_cost: ``{T: seconds}`` measured by :func:`measure_step_cost` (interpolated piecewise-linearly), or a
+            callable ``T -> seconds``.
+        max_nodes (int): largest tree to consider (nodes, root excluded). Default 63.
+        meta (Optional[Dict[str, object]]): stored with the result.
+
+    Returns:
+        CalibratedTree: the best tree (possibly empty: plain decoding wins) and the whole size sweep.
+    """
+    if isinstance(head_accuracies, torch.Tensor):
+        head_accuracies = head_accuracies.tolist()
+    acc = [[float(a) for a in row] for row in head_accuracies]
+    if any(not 0.0 <= a <= 1.0 for row in acc for a in row):
+        raise ValueError("head accuracies must be probabilities in [0, 1]")
+    cost = _cost_fn(step_cost)
+    nodes = grow_tree(acc, max_nodes)
+    base_speed = 1.0 / cost(1)
+    sizes = []
+    tau = 1.0
+    best_n, best_speed = 0, base_speed
+    for n in range(len(nodes) + 1):
+        if n:
+            tau += nodes[n - 1][1]
+        c = cost(n + 1)
+        speed = tau / c
+        sizes.append({"nodes": n, "tree_tokens": n + 1, "expected_tau": tau, "cost_s": c, "tokens_per_s": speed})
+        if speed > best_speed * (1 + 1e-9):
+            best_n, best_speed = n, speed
+    return CalibratedTree(
+        medusa_choices=[list(p) for p, _ in nodes[:best_n]],
+        expected_tokens_per_step=sizes[best_n]["expected_tau"],
+        expected_step_cost_s=sizes[best_n]["cost_s"],
+        expected_speedup=best_speed / base_speed,
+        head_accuracies=acc,
+        step_cost={int(k): float(v) for k, v in step_cost.items()} if not callable(step_cost) else {},
+        sizes=sizes,
+        meta=dict(meta or {}),
+    )
+
+
+def save_tree(path: Union[str, os.PathLike], tree: Union[CalibratedTree, Sequence[Sequence[int]]], **meta) -> Path:
+    """Write a tree as JSON. A directory means ``<dir>/medusa_choices.json`` (next to the heads' checkpoint).
+
+    Returns:
+        Path: the file written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / TREE_FILENAME
+    if isinstance(tree, CalibratedTree):
+        data = tree.to_dict()
+        data["meta"].update(meta)
+    else:
+        data = {"format": TREE_FORMAT, "medusa_choices": [list(map(int, p)) for p in tree], "meta": meta}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_tree(path: Union[str, os.PathLike]) -> Tuple[List[RankPath], Dict[str, object]]:
+    """Read a tree written by :func:`save_tree` (a file or a directory holding ``medusa_choices.json``).
+
+    Returns:
+        Tuple[List[Tuple[int, ...]], Dict[str, object]]: the validated, sorted rank paths and the whole JSON record.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / TREE_FILENAME
+    data = json.loads(path.read_text())
+    if "medusa_choices" not in data:
+        raise ValueError(f"{path} has no 'medusa_choices' entry")
+    return build_tree_buffers(data["medusa_choices"], topk=1 << 30).choices, data

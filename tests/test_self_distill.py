@@ -1,0 +1,180 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+
+import json
+
+import pytest
+import torch
+from data_common import conv, tiny_tokenizer, write_jsonl
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
+from torchtune.models.llama3_1 import llama3_1
+
+from torchtune_medusa.data import medusa_chat_dataset, smollm2_tokenizer
+from torchtune_medusa.data._self_distill import derive_seed, self_distill
+from torchtune_medusa.data.self_distill import main
+from torchtune_medusa.generation import generate
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = llama3_1(
+        vocab_size=400, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=64, max_seq_len=256
+    )
+    with torch.no_grad():  # random weights would often pick a special token first, giving empty replies
+        m.output.weight[:3] = 0
+    return m.eval()
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    rows = [
+        conv("human", q, "gpt", "original answer", id=f"c{i}")
+        for i, q in enumerate(
+            [
+                "What is the capital of France?",
+                "hi",
+                "Tell me a joke about cats.",
+                "Write 3 numbers",
+                "Shall I compare thee to a summer's day?",
+                "hello world",
+                "how are you today?",
+            ]
+        )
+    ]
+    rows.append(conv("system", "Be brief.", "human", "hello", "gpt", "a", "human", "and you?", "gpt", "b", id="multi"))
+    rows.append(conv("human", "hello"))  # no reply: skipped, counted
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)
+
+
+def run(model, tok, prompts_file, out, **kw):
+    kw = dict(dict(max_new_tokens=6, batch_size=3, progress=False, temperature=0.8, seed=1), **kw)
+    return self_distill(model, tok, str(prompts_file), out, **kw)
+
+
+def test_round_trip_through_the_chat_builder(model, tok, prompts_file, tmp_path):
+    out = tmp_path / "sd.jsonl"
+    stats = run(model, tok, prompts_file, out, temperature=0.0, batch_size=1)
+    assert stats.conversations_written == 8 and stats.skipped == {"no user/assistant exchange": 1}
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    by_id = {r["id"]: r for r in records}
+    first = by_id["c0"]
+    assert [t["from"] for t in first["conversations"]] == ["human", "gpt"]
+    assert first["conversations"][0]["value"] == "What is the capital of France?"
+    meta = first["self_distill"]
+    assert meta["temperature"] == 0.0 and meta["max_new_tokens"] == 6 and meta["global_seed"] == 1
+    # the reply is the model's greedy continuation of the ChatML prompt, stop token removed
+    prompt = tok.prompt_tokens([Message("user", "What is the capital of France?")])
+    new = generate(model, [prompt], max_new_tokens=6, stop_tokens=tok.stop_tokens).tokens[0]
+    assert first["conversations"][1]["value"] == tok.decode([t for t in new if t not in tok.stop_tokens])
+    assert meta["new_tokens"] == [len(new)]
+    # system message kept; only the first user turn by default
+    assert [t["from"] for t in by_id["multi"]["conversations"]] == ["system", "human", "gpt"]
+
+    ds = medusa_chat_dataset(tok, data_files=str(out))
+    nonempty = [r for r in records if r["conversations"][-1]["value"].strip()]
+    assert len(ds) == len(nonempty) and ds.stats.get("skipped: an empty message", 0) == len(records) - len(nonempty)
+    for item, r in zip(ds, nonempty):
+        trained = [t for t, lab in zip(item["tokens"], item["labels"]) if lab != CROSS_ENTROPY_IGNORE_IDX]
+        assert tok.decode(trained, skip_special_tokens=False) == r["conversations"][-1]["value"] + "<|im_end|>"
+
+
+def test_multi_turn_uses_the_models_own_replies(model, tok, prompts_file, tmp_path):
+    out = tmp_path / "sd.jsonl"
+    run(model, tok, prompts_file, out, multi_turn=True, temperature=0.0)
+    multi = next(json.loads(x) for x in out.read_text().splitlines() if json.loads(x)["id"] == "multi")
+    turns = multi["conversations"]
+    assert [t["from"] for t in turns] == ["system", "human", "gpt", "human", "gpt"]
+    assert turns[2]["value"] != "a"  # regenerated, not the original
+    history = [
+        Message("system", "Be brief."),
+        Message("user", "hello"),
+        Message("assistant", turns[2]["value"]),
+        Message("user", "and you?"),
+    ]
+    new = generate(model, [tok.prompt_tokens(history)], max_new_tokens=6, stop_tokens=tok.stop_tokens).tokens[0]
+    assert turns[4]["value"] == tok.decode([t for t in new if t not in tok.stop_tokens])
+    assert multi["self_distill"]["multi_turn"] is True and len(multi["self_distill"]["stop_reasons"]) == 2
+
+
+def test_resume_after_interruption_gives_the_same_file(model, tok, prompts_file, tmp_path):
+    reference = tmp_path / "ref.jsonl"
+    run(model, tok, prompts_file, reference)
+    ref_bytes = reference.read_bytes()
+    assert len(ref_bytes.splitlines()) == 8
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_batch(b, n):
+        raise Killed
+
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(Killed):
+        run(model, tok, prompts_file, out, on_batch=kill_after_first_batch)
+    assert 0 < len(out.read_bytes().splitlines()) < 8
+    stats = run(model, tok, prompts_file, out)
+    assert out.read_bytes() == ref_bytes and stats.already_done == 3
+
+    # a kill in the middle of a write: the torn line is dropped, its batch regenerated with the same seed
+    torn = tmp_path / "torn.jsonl"
+    cut = ref_bytes.index(b"\n", ref_bytes.index(b"\n") + 1) + 30  # inside the third line
+    torn.write_bytes(ref_bytes[:cut])
+    run(model, tok, prompts_file, torn)
+    assert torn.read_bytes() == ref_bytes
+    # a finished file: nothing to do
+    stats = run(model, tok, prompts_file, torn)
+    assert stats.conversations_written == 0 and stats.already_done == 8 and torn.read_bytes() == ref_bytes
+
+
+def test_seeds_and_sampling(model, tok, prompts_file, tmp_path):
+    assert derive_seed(1, "a") == derive_seed(1, "a") != derive_seed(1, "b") != derive_seed(2, "a")
+    a, b, c = (tmp_path / f"{n}.jsonl" for n in "abc")
+    run(model, tok, prompts_file, a, seed=1)
+    run(model, tok, prompts_file, b, seed=1)
+    run(model, tok, prompts_file, c, seed=2)
+    assert a.read_bytes() == b.read_bytes() != c.read_bytes()
+
+
+def test_bad_input(model, tok, prompts_file, tmp_path):
+    out = tmp_path / "sd.jsonl"
+    stats = run(model, tok, prompts_file, out, max_prompt_len=18)
+    assert stats.skipped["prompt longer than max_prompt_len=18"] == 3  # 21, 23 tokens, and "multi" (system)
+    assert stats.conversations_written == 5
+    with pytest.raises(ValueError, match="other settings.*temperature"):
+        run(model, tok, prompts_file, out, max_prompt_len=18, temperature=0.5)
+    lines = out.read_text().splitlines()
+    out.write_text("not json\n" + "\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="line 1 is not a self-distillation record"):
+        run(model, tok, prompts_file, out, max_prompt_len=18)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        run(model, tok, tmp_path / "nope.jsonl", out)
+    with pytest.raises(ValueError, match="batch_size must be"):
+        run(model, tok, prompts_file, out, batch_size=0)
+    with pytest.raises(ValueError, match="temperature must be"):
+        run(model, tok, prompts_file, out, temperature=-1.0)
+    with pytest.raises(ValueError, match="conversation_column='messages'"):
+        run(model, tok, prompts_file, out, conversation_column="messages")
+
+
+@pytest.mark.slow
+def test_cli_on_smollm2(smollm2_assets, tmp_path, capsys):
+    out = tmp_path / "sd.jsonl"
+    argv = ["--output", str(out), "--limit", "4", "--batch-size", "2", "--max-new-tokens", "8"]
+    assert main(argv) == 0
+    stats = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert stats["conversations_written"] == 4 and stats["new_tokens"] > 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["conversations"][-1]["from"] == "gpt" for r in records)
+    assert main(argv) == 0  # resume: all done
+    assert len(out.read_text().splitlines()) == 4
+    ds = medusa_chat_dataset(smollm2_tokenizer(str(smollm2_assets.smollm2_dir)), data_files=str(out))
+    assert len(ds) == 4

@@ -1,0 +1,54 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+"""Loading helpers shared by the dataset builders."""
+
+import glob
+import os
+from typing import Any, Dict, List, Optional, Union
+
+from datasets import Dataset, load_dataset
+
+# Sources that ``datasets`` loads from local files given in ``data_files``.
+LOCAL_SOURCES = ("json", "csv", "parquet", "text", "arrow")
+
+
+def load_local_dataset(
+    builder: str,
+    *,
+    source: str,
+    data_files: Optional[Union[str, List[str]]],
+    split: str,
+    **load_dataset_kwargs: Dict[str, Any],
+) -> Dataset:
+    """``datasets.load_dataset(source, data_files=..., split=...)``, first checking that local files exist.
+
+    ``datasets`` reports a missing file late and obscurely; this names the argument and the file instead.
+
+    Args:
+        builder (str): name of the calling builder, used in error messages.
+        source (str): ``datasets`` source, e.g. "json" or "text" for local files, or a Hub-style path.
+        data_files (Optional[Union[str, List[str]]]): local file(s) or glob(s).
+        split (str): split to load.
+        **load_dataset_kwargs: passed on to ``load_dataset``.
+
+    Returns:
+        Dataset: the loaded split.
+
+    Raises:
+        ValueError: if a local ``source`` is given without ``data_files``.
+        FileNotFoundError: if a listed file, or every match of a glob, is missing.
+    """
+    if data_files is not None:
+        single = isinstance(data_files, (str, os.PathLike))
+        files = [os.fspath(f) for f in ([data_files] if single else data_files)]
+        load_dataset_kwargs["data_files"] = files[0] if single else files
+    if source in LOCAL_SOURCES:
+        if not data_files:
+            raise ValueError(f"{builder}: source={source!r} needs data_files (a local file, list or glob)")
+        for f in files:
+            if "://" not in f and not (glob.glob(f) if glob.has_magic(f) else os.path.exists(f)):
+                raise FileNotFoundError(f"{builder}: data_files entry {f!r} does not exist")
+    return load_dataset(source, split=split, **load_dataset_kwargs)

@@ -1,0 +1,99 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+"""``python -m torchtune_medusa.data.self_distill``: write SmolLM2's own replies to ShareGPT prompts.
+
+Example (the offline assets by default; rerun the same command to resume)::
+
+    python -m torchtune_medusa.data.self_distill --output self_distill.jsonl --limit 200 --batch-size 8
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import asdict
+from typing import List, Optional
+
+import torch
+
+from torchtune_medusa.data._self_distill import self_distill
+from torchtune_medusa.data._tokenizer import smollm2_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_smollm2(model_dir: str, *, device: str = "cpu", dtype: str = "fp32") -> torch.nn.Module:
+    """SmolLM2-135M from an HF-format directory (``model.safetensors``) via torchtune's checkpointer, in eval mode."""
+    from torchtune.training import FullModelHFCheckpointer
+
+    from torchtune_medusa.models import smollm2_135m
+
+    with tempfile.TemporaryDirectory() as out:  # the checkpointer wants an output dir; loading writes nothing
+        checkpointer = FullModelHFCheckpointer(
+            checkpoint_dir=model_dir, checkpoint_files=["model.safetensors"], model_type="LLAMA3", output_dir=out
+        )
+        state_dict = checkpointer.load_checkpoint()["model"]
+    model = smollm2_135m()
+    model.load_state_dict(state_dict)
+    return model.to(device=device, dtype=DTYPES[dtype]).eval()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m torchtune_medusa.data.self_distill",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--output", required=True, help="JSONL to write; appended to, and resumed from")
+    parser.add_argument("--model-dir", help="HF-format SmolLM2 directory (default: the offline asset)")
+    parser.add_argument("--data", nargs="+", help="ShareGPT JSON/JSONL prompts (default: the asset's train split)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are skipped and counted")
+    parser.add_argument("--multi-turn", action="store_true", help="answer every user turn, not only the first")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N conversations of the data")
+    parser.add_argument("--system-prompt", default=None, help="system message for prompts that have none")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+
+    if args.model_dir is None or args.data is None:
+        from torchtune_medusa.assets import prepare
+
+        assets = prepare()
+        args.model_dir = args.model_dir or str(assets.smollm2_dir)
+        args.data = args.data or [str(assets.sharegpt_train)]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = smollm2_tokenizer(args.model_dir, system_prompt=args.system_prompt)
+    t0 = time.perf_counter()
+    model = load_smollm2(args.model_dir, device=args.device, dtype=args.dtype)
+    print(f"[self_distill] loaded {args.model_dir} in {time.perf_counter() - t0:.1f} s")
+    stats = self_distill(
+        model,
+        tokenizer,
+        args.data,
+        args.output,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_prompt_len=args.max_prompt_len,
+        multi_turn=args.multi_turn,
+        limit=args.limit,
+        model_name=f"SmolLM2-135M-Instruct ({args.dtype})",
+    )
+    print(json.dumps(asdict(stats), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

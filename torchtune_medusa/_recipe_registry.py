@@ -30,6 +30,15 @@ RECIPES: Tuple[RecipeEntry, ...] = (
             "llama3_3/llama_medusa.yaml",
         ),
     ),
+    RecipeEntry(
+        name="medusa_generate",
+        file_name="medusa_generate.py",
+        supports_distributed=False,
+        configs=(
+            "smollm2/135M_generate.yaml",
+            "llama3_1/8B_generate.yaml",
+        ),
+    ),
 )
 
 

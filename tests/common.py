@@ -44,3 +44,44 @@ def tiny_medusa(
             for name, p in model.medusa_heads.named_parameters():
                 p.normal_(0, 0.2 if "linear" in name else 0.5)
     return model.eval()
+
+
+TINY_CHAT_ARGS = dict(
+    vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128, max_seq_len=256
+)
+
+
+def write_tiny_hf_checkpoint(folder, *, seed: int = 0):
+    """A random SmolLM2-style model (tied output, ``TINY_CHAT_ARGS``) saved as an HF-format checkpoint
+    (``model.safetensors`` + ``config.json``) with the tiny ChatML tokenizer of ``tests/data_common.py``, so that
+    recipes can load it through ``MedusaHFCheckpointer`` and ``smollm2_tokenizer``. Returns the folder."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from torchtune.models.convert_weights import tune_to_hf
+
+    from tests.data_common import write_tiny_tokenizer
+
+    folder = Path(folder)
+    write_tiny_tokenizer(folder)
+    torch.manual_seed(seed)
+    base = smollm2(**TINY_CHAT_ARGS, rope_base=10_000)
+    state_dict = {k: v.contiguous() for k, v in base.state_dict().items()}
+    a = TINY_CHAT_ARGS
+    save_file(tune_to_hf(state_dict, num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], dim=a["embed_dim"]),
+              str(folder / "model.safetensors"))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": a["embed_dim"],
+        "num_attention_heads": a["num_heads"],
+        "num_key_value_heads": a["num_kv_heads"],
+        "num_hidden_layers": a["num_layers"],
+        "intermediate_size": a["intermediate_dim"],
+        "vocab_size": a["vocab_size"],
+        "tie_word_embeddings": True,
+        "rope_theta": 10000.0,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

@@ -234,6 +234,14 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
         self._keep_last_n = cfg.get("keep_last_n_training_states", 2)
         self._cache_hidden = cfg.get("cache_hidden_states", False)
+        self._head_targets = cfg.get("head_targets", "labels")
+        if self._head_targets not in ("labels", "base_greedy"):
+            raise ValueError(f"head_targets must be 'labels' or 'base_greedy', got {self._head_targets!r}")
+        if self._head_targets == "base_greedy" and self._medusa_version != 1:
+            raise ValueError(
+                "head_targets=base_greedy is a Medusa-1 option (frozen base); for Medusa-2 use "
+                "MedusaSelfDistillationLoss(head_target=teacher_argmax)"
+            )
         if self._cache_hidden and self._medusa_version != 1:
             raise ValueError("cache_hidden_states needs a frozen backbone: it is a Medusa-1 (medusa_version=1) option")
         if self._optimizer_in_bwd and (self._clip_grad_norm is not None or self._gradient_accumulation_steps > 1):
@@ -500,6 +508,12 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         with torch.no_grad():
             return self._model(**self._model_inputs(batch)).detach()
 
+    @torch.no_grad()
+    def _base_greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[b, s]`` base model's greedy token after every position (chunked projection, no grad)."""
+        chunks = max(1, getattr(self._loss_fn, "num_output_chunks", 8))
+        return torch.cat([self._model.project(h, 0).argmax(-1) for h in hidden.chunk(chunks, dim=1)], dim=1)
+
     def _teacher_project(self, hidden: torch.Tensor, head: int) -> torch.Tensor:
         with disable_adapter(self._model):
             return self._model.project(hidden, head)
@@ -522,6 +536,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         pbar = tqdm(total=len(self._dataset), desc="caching hidden states", disable=not self._is_rank_zero)
         cache.fill(
             self._dataset,
+            greedy_fn=self._base_greedy if self._head_targets == "base_greedy" else None,
             collate_fn=self._collate,
             batch_size=batch_size,
             compute_hidden=self._backbone_hidden_no_grad,
@@ -548,6 +563,16 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 hidden = self._hidden_cache.batch(batch["_index"], batch["tokens"].size(1), self._device)
             if hidden is None:
                 hidden = self._backbone_hidden_no_grad(batch)
+            if self._head_targets == "base_greedy":
+                # Medusa-1 self-distillation on the fly: labels[:, t] becomes the base model's greedy pick after
+                # position t wherever the data has a trained label, so head k at t learns the base's greedy token
+                # k steps later (what greedy Medusa decoding accepts).
+                greedy = None
+                if self._hidden_cache is not None:
+                    greedy = self._hidden_cache.greedy_batch(batch["_index"], labels.size(1), self._device)
+                if greedy is None:
+                    greedy = self._base_greedy(hidden)
+                labels = torch.where(labels != self._ignore_index, greedy, labels)
         else:
             hidden = self._model(**self._model_inputs(batch))
         if self._unshard_root_for_loss:

@@ -297,7 +297,7 @@ def test_resume_equals_uninterrupted(assets, medusa1_run, tmp_path, kill_after):
 
 def test_hidden_cache_trains_heads(assets, tmp_path):
     out = tmp_path / "cached"
-    cfg = make_cfg(assets, out, cache_hidden_states=True, epochs=1, max_steps_per_epoch=4)
+    cfg = make_cfg(assets, out, cache_hidden_states=True, head_targets="base_greedy", epochs=1, max_steps_per_epoch=4)
     recipe = run_recipe(cfg)
     assert recipe._hidden_cache is not None and len(recipe._hidden_cache) == 32
     # cached hidden states equal a fresh backbone forward (no padding involved for a single sample)
@@ -306,6 +306,10 @@ def test_hidden_cache_trains_heads(assets, tmp_path):
     fresh = recipe._backbone_hidden_no_grad(batch)
     cached = recipe._hidden_cache.batch(batch["_index"], batch["tokens"].size(1), torch.device("cpu"))
     torch.testing.assert_close(fresh, cached)
+    # the cached base greedy tokens (self-distillation targets) equal the base model's argmax
+    greedy = recipe._hidden_cache.greedy_batch(batch["_index"], batch["tokens"].size(1), torch.device("cpu"))
+    assert torch.equal(greedy, recipe._base_greedy(fresh))
+    assert "loss/head_1" in read_log(out)
 
 
 def test_validation_reports_tau_and_tree(assets, tmp_path):
@@ -360,6 +364,7 @@ def test_validation_tau_is_one_when_heads_always_miss(assets):
         ({"dataset.data_files": "/nonexistent/train.jsonl"}, FileNotFoundError, "dataset file not found"),
         ({"checkpointer.medusa_num_heads": 5}, ValueError, "must agree"),
         ({"medusa_version": 3}, ValueError, "medusa_version"),
+        ({"medusa_version": 2}, ValueError, "has no LoRA"),
     ],
 )
 def test_bad_config_fails_before_heavy_work(assets, tmp_path, overrides, error, match):

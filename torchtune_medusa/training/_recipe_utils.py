@@ -385,6 +385,7 @@ class HiddenStateCache:
         self.max_bytes = int(max_bytes)
         self.store_device = store_device
         self._data: Dict[int, torch.Tensor] = {}
+        self._greedy: Dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self._data)
@@ -409,6 +410,7 @@ class HiddenStateCache:
         rank: int,
         world_size: int,
         progress: Optional[Callable[[int], None]] = None,
+        greedy_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> None:
         """Compute and store the hidden state of every sample of ``dataset``.
 
@@ -421,6 +423,8 @@ class HiddenStateCache:
             rank (int): this rank.
             world_size (int): number of ranks.
             progress (Optional[Callable[[int], None]]): called with the number of samples done.
+            greedy_fn (Optional[Callable]): ``hidden -> [b, s]`` base greedy tokens, stored too (see
+                :meth:`greedy_batch`).
         """
         n = len(dataset)
         mine = list(range(rank, n, world_size))
@@ -435,11 +439,18 @@ class HiddenStateCache:
             indices, lengths = batch.pop("_index"), batch.pop("_length")
             batch.pop("labels", None)
             hidden = compute_hidden({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            greedy = greedy_fn(hidden) if greedy_fn is not None else None
             if world_size > 1:
+                if greedy is not None:  # carried through the float gather exactly (token ids < 2**24)
+                    hidden = torch.cat([hidden, greedy.unsqueeze(-1).to(hidden.dtype)], dim=-1)
                 hidden, indices, lengths = _all_gather_padded(hidden, indices.to(device), lengths.to(device))
-            for h, i, length in zip(hidden, indices.tolist(), lengths.tolist()):
+                if greedy is not None:
+                    hidden, greedy = hidden[..., :-1], hidden[..., -1].long()
+            for r, (h, i, length) in enumerate(zip(hidden, indices.tolist(), lengths.tolist())):
                 if i not in self._data:
                     self._data[i] = h[:length].to(self.store_device).clone()
+                    if greedy is not None:
+                        self._greedy[i] = greedy[r, :length].to(torch.int32).cpu().clone()
             if progress is not None:
                 progress(min(n, (step + 1) * batch_size * world_size))
 
@@ -455,6 +466,16 @@ class HiddenStateCache:
         out = rows[0].new_zeros(len(rows), seq_len, rows[0].size(-1), device=device)
         for r, t in enumerate(rows):
             out[r, : t.size(0)] = t.to(device)
+        return out
+
+    def greedy_batch(self, indices: torch.Tensor, seq_len: int, device: torch.device) -> Optional[torch.Tensor]:
+        """``[b, seq_len]`` cached base greedy tokens (0 past each sample's length), or None when missing."""
+        rows = [self._greedy.get(i) for i in indices.tolist()]
+        if any(t is None or t.size(0) > seq_len for t in rows):
+            return None
+        out = torch.zeros(len(rows), seq_len, dtype=torch.long, device=device)
+        for r, t in enumerate(rows):
+            out[r, : t.size(0)] = t.to(device=device, dtype=torch.long)
         return out
 
 

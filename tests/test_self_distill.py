@@ -165,16 +165,27 @@ def test_bad_input(model, tok, prompts_file, tmp_path):
         run(model, tok, prompts_file, out, conversation_column="messages")
 
 
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the CLI's --threads sets it process-wide
+
+
 @pytest.mark.slow
-def test_cli_on_smollm2(smollm2_assets, tmp_path, capsys):
+def test_cli_on_smollm2(smollm2_assets, tmp_path, capsys, keep_threads):
     out = tmp_path / "sd.jsonl"
-    argv = ["--output", str(out), "--limit", "4", "--batch-size", "2", "--max-new-tokens", "8"]
+    argv = ["--output", str(out), "--model-dir", str(smollm2_assets.smollm2_dir), "--data",
+            str(smollm2_assets.sharegpt_heldout), "--limit", "3", "--batch-size", "2", "--max-new-tokens", "4",
+            "--threads", "1"]  # fmt: skip
     assert main(argv) == 0
-    stats = json.loads(capsys.readouterr().out.split("\n", 1)[1])
-    assert stats["conversations_written"] == 4 and stats["new_tokens"] > 0
+    printed = capsys.readouterr().out
+    stats = json.loads(printed[printed.index("{") :])
+    assert stats["conversations_written"] == 3 and stats["new_tokens"] > 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["conversations"][-1]["from"] == "gpt" for r in records)
+    assert records[0]["self_distill"]["model"] == "SmolLM2-135M-Instruct (fp32)"
     assert main(argv) == 0  # resume: all done
-    assert len(out.read_text().splitlines()) == 4
+    assert len(out.read_text().splitlines()) == 3
     ds = medusa_chat_dataset(smollm2_tokenizer(str(smollm2_assets.smollm2_dir)), data_files=str(out))
-    assert len(ds) == 4
+    assert len(ds) == 3

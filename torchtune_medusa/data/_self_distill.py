@@ -40,7 +40,16 @@ log = logging.getLogger(__name__)
 
 META_KEY = "self_distill"
 # Settings that must match between a run and the file it resumes.
-RESUME_KEYS = ("model", "temperature", "top_k", "global_seed", "max_new_tokens", "multi_turn")
+RESUME_KEYS = (
+    "model",
+    "temperature",
+    "top_k",
+    "global_seed",
+    "max_new_tokens",
+    "multi_turn",
+    "batch_size",
+    "max_prompt_len",
+)
 
 
 @dataclass
@@ -201,9 +210,10 @@ def self_distill(
     Appends to ``output_file`` and skips conversations already there (resume); see the module docstring.
 
     Each output line is ``{"id", "conversations": [{"from": "system"|"human"|"gpt", "value"}...],
-    "self_distill": {model, temperature, top_k, global_seed, seed, max_new_tokens, multi_turn, stop_reasons,
-    new_tokens}}``. Replies are decoded without the stop token; one cut by ``max_new_tokens`` is kept, with stop
-    reason ``"max_new_tokens"``.
+    "self_distill": {model, temperature, top_k, global_seed, seed, max_new_tokens, multi_turn, batch_size,
+    max_prompt_len, stop_reasons, new_tokens}}``. Resuming checks that these settings match the file's; ``limit``
+    may change (to extend a run). Replies are decoded without the stop token; one cut by ``max_new_tokens`` is
+    kept, with stop reason ``"max_new_tokens"``.
 
     Args:
         model (nn.Module): the base model (any torchtune decoder, in eval mode), on its device.
@@ -249,6 +259,8 @@ def self_distill(
         global_seed=seed,
         max_new_tokens=max_new_tokens,
         multi_turn=multi_turn,
+        batch_size=batch_size,
+        max_prompt_len=max_prompt_len,
     )
     stats = SelfDistillStats()
     skipped: Counter = Counter()

@@ -190,6 +190,8 @@ def test_bad_text_input(tok, tmp_path):
         medusa_text_dataset(tok, data_files=str(a))
     with pytest.raises(ValueError, match="fewer than block_size=64"):
         medusa_text_dataset(tok, data_files=str(a), block_size=64)
+    with pytest.raises(ValueError, match="column='body' is not in the data; its columns are \\['text'\\]"):
+        medusa_text_dataset(tok, data_files=str(a), block_size=2, column="body")
     with pytest.raises(ValueError, match="sample_by"):
         medusa_text_dataset(tok, data_files=str(a), block_size=2, sample_by="page")
     assert len(medusa_text_dataset(tok, data_files=str(tmp_path / "*.txt"), block_size=2)) >= 1  # globs work

@@ -211,12 +211,14 @@ def medusa_chat_dataset(
     if packed and max_seq_len is None:
         raise ValueError(f"{builder}: packed=True needs max_seq_len (here or on the tokenizer)")
 
-    data = load_local_dataset(builder, source=source, data_files=data_files, split=split, **load_dataset_kwargs)
-    if conversation_column not in data.column_names:
-        raise ValueError(
-            f"{builder}: conversation_column={conversation_column!r} is not in the data; "
-            f"its columns are {data.column_names}"
-        )
+    data = load_local_dataset(
+        builder,
+        source=source,
+        data_files=data_files,
+        split=split,
+        column=("conversation_column", conversation_column),
+        **load_dataset_kwargs,
+    )
 
     # Tokenize untruncated so that truncation is done (and counted) here, whatever the tokenizer does.
     full = copy.copy(tokenizer)

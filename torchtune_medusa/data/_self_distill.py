@@ -114,12 +114,13 @@ def load_prompts(
         FileNotFoundError: a missing file.
         ValueError: ``conversation_column`` not in the data.
     """
-    data = load_local_dataset("self_distill", source="json", data_files=data_files, split="train")
-    if conversation_column not in data.column_names:
-        raise ValueError(
-            f"self_distill: conversation_column={conversation_column!r} is not in {data_files!r}; "
-            f"its columns are {data.column_names}"
-        )
+    data = load_local_dataset(
+        "self_distill",
+        source="json",
+        data_files=data_files,
+        split="train",
+        column=("conversation_column", conversation_column),
+    )
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
     ids = data[id_column] if id_column in data.column_names else [None] * len(data)

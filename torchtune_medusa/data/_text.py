@@ -98,9 +98,9 @@ def medusa_text_dataset(
         if sample_by not in ("document", "paragraph", "line"):
             raise ValueError(f"{builder}: sample_by must be 'document', 'paragraph' or 'line', got {sample_by!r}")
         load_dataset_kwargs["sample_by"] = sample_by
-    data = load_local_dataset(builder, source=source, data_files=data_files, split=split, **load_dataset_kwargs)
-    if column not in data.column_names:
-        raise ValueError(f"{builder}: column={column!r} is not in the data; its columns are {data.column_names}")
+    data = load_local_dataset(
+        builder, source=source, data_files=data_files, split=split, column=("column", column), **load_dataset_kwargs
+    )
 
     eos = getattr(tokenizer, "text_eos_id", None)
     eos = tokenizer.eos_id if eos is None else eos

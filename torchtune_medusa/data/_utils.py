@@ -7,7 +7,7 @@
 
 import glob
 import os
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from datasets import Dataset, load_dataset
 
@@ -21,6 +21,7 @@ def load_local_dataset(
     source: str,
     data_files: Optional[Union[str, List[str]]],
     split: str,
+    column: Optional[Tuple[str, str]] = None,
     **load_dataset_kwargs: Dict[str, Any],
 ) -> Dataset:
     """``datasets.load_dataset(source, data_files=..., split=...)``, first checking that local files exist.
@@ -32,6 +33,7 @@ def load_local_dataset(
         source (str): ``datasets`` source, e.g. "json" or "text" for local files, or a Hub-style path.
         data_files (Optional[Union[str, List[str]]]): local file(s) or glob(s).
         split (str): split to load.
+        column (Optional[Tuple[str, str]]): ``(argument name, column)`` that the data must have.
         **load_dataset_kwargs: passed on to ``load_dataset``.
 
     Returns:
@@ -39,6 +41,7 @@ def load_local_dataset(
 
     Raises:
         ValueError: if a local ``source`` is given without ``data_files``.
+        ValueError: if the data lacks ``column``.
         FileNotFoundError: if a listed file, or every match of a glob, is missing.
     """
     if data_files is not None:
@@ -51,4 +54,9 @@ def load_local_dataset(
         for f in files:
             if "://" not in f and not (glob.glob(f) if glob.has_magic(f) else os.path.exists(f)):
                 raise FileNotFoundError(f"{builder}: data_files entry {f!r} does not exist")
-    return load_dataset(source, split=split, **load_dataset_kwargs)
+    data = load_dataset(source, split=split, **load_dataset_kwargs)
+    if column is not None and column[1] not in data.column_names:
+        raise ValueError(
+            f"{builder}: {column[0]}={column[1]!r} is not in the data; its columns are {data.column_names}"
+        )
+    return data

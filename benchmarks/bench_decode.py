@@ -1,0 +1,457 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+"""Decoding speed: autoregressive baseline vs Medusa tree decoding, side by side in one process.
+
+Reports, per tree: median latency per prompt, tokens/s, speedup over the baseline, tau (mean tokens per step,
+bonus token included), per-head acceptance, whether greedy output equals the baseline's; plus the cost of a
+T-token tree step relative to a 1-token step, the KV-eviction cost as a fraction of a tree step, and a tree
+calibrated from measured head accuracies and step costs. Writes ``bench_decode.json`` and ``bench_decode.png``
+into ``--out``.
+
+Models (``--model``):
+
+* ``smollm2`` (default when the asset exists): SmolLM2-135M-Instruct from ``torchtune_medusa.assets.prepare()``
+  with freshly initialised (untrained) heads, or with trained heads when ``--checkpoint`` is given.
+* ``checkpoint``: ``--checkpoint DIR``, an HF-format model folder with ``medusa_lm_head.safetensors`` (+
+  ``medusa_config.json``) next to it or in ``--heads DIR``. ``--model-type`` and ``--builder`` say what it is.
+* ``smollm2-random``: a SmolLM2-shaped model with random weights (no asset needed).
+* ``tiny``: a 2-layer in-process model whose heads are trained for a few seconds on its own greedy output.
+* ``llama8b-random`` (GPU): a Llama-3.1-8B-shaped model with random bf16 weights, for the step-cost curve.
+
+Examples::
+
+    python benchmarks/bench_decode.py --out output/bench            # a few minutes on 2 CPU cores
+    python benchmarks/bench_decode.py --model tiny --out output/bench_tiny
+    python benchmarks/bench_decode.py --model checkpoint --checkpoint output/medusa/epoch_0 --out output/bench_ckpt
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from torchtune_medusa.generation import (
+    build_tree_buffers,
+    calibrate_tree,
+    chain,
+    evict_to_path,
+    generate,
+    kv_caches,
+    measure_head_accuracies,
+    measure_step_cost,
+    medusa_generate,
+    save_tree,
+    scoped_kv_cache,
+    topk_per_head_tree,
+    tree_stats,
+)
+from torchtune_medusa.generation._tree import MC_SIM_7B_63
+
+TEXT_PROMPTS = [
+    "The history of the printing press begins",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "Here is a short list of tips for staying productive while working from home:\n1.",
+    "Once upon a time, in a small village by the sea, there lived",
+    "Photosynthesis is the process by which plants",
+    "Q: What is the capital of France?\nA:",
+]
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_decode] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def _tiny_model(num_heads: int):
+    from torchtune.models.llama3_1 import llama3_1
+
+    from torchtune_medusa.modules import medusa_heads, MedusaTransformerDecoder
+
+    torch.manual_seed(1)
+    base = llama3_1(
+        vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=512, intermediate_dim=64
+    )
+    model = MedusaTransformerDecoder.from_decoder(
+        base, medusa_heads(num_heads=num_heads, dim=32, vocab_size=128)
+    ).eval()
+    # Train the heads briefly on the base model's own greedy continuations (self-distillation), so tau > 1.
+    g = torch.Generator().manual_seed(0)
+    prompts = [
+        torch.randint(0, 128, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist() for _ in range(48)
+    ]
+    outs = generate(model, prompts, max_new_tokens=40).tokens
+    data = torch.tensor([(p + o)[:42] for p, o in zip(prompts, outs)])
+    model.set_return_hidden(True)
+    with torch.no_grad():
+        h = model(data)
+    model.set_return_hidden(False)
+    opt = torch.optim.Adam(model.medusa_heads.parameters(), lr=3e-2)
+    for _ in range(300):
+        loss = sum(
+            torch.nn.functional.cross_entropy(
+                model.project(h[:, : -(k + 1)], k).flatten(0, 1), data[:, k + 1 :].flatten()
+            )
+            for k in range(1, num_heads + 1)
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), None
+
+
+def _smollm2_random(num_heads: int):
+    from torchtune_medusa.models import medusa_smollm2_135m
+
+    torch.manual_seed(0)
+    model = medusa_smollm2_135m(medusa_num_heads=num_heads)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.02)
+    return model.eval(), None
+
+
+def _load_hf(checkpoint_dir: Path, heads_dir, builder: str, model_type: str, num_heads: int):
+    """Base weights through torchtune's HF path, heads from the sidecar (or freshly initialised)."""
+    from torchtune import training
+
+    from torchtune_medusa import models
+    from torchtune_medusa.training import MedusaHFCheckpointer
+
+    cfg_dir = Path(heads_dir) if heads_dir else checkpoint_dir
+    medusa_cfg = {}
+    if (cfg_dir / "medusa_config.json").is_file():
+        medusa_cfg = json.loads((cfg_dir / "medusa_config.json").read_text())
+    kwargs = dict(
+        medusa_num_heads=int(medusa_cfg.get("medusa_num_heads", num_heads)),
+        medusa_num_layers=int(medusa_cfg.get("medusa_num_layers", 1)),
+        medusa_projection=medusa_cfg.get("medusa_projection", "own"),
+    )
+    files = sorted(p.name for p in checkpoint_dir.glob("*.safetensors") if not p.name.startswith("medusa_"))
+    with tempfile.TemporaryDirectory() as out:
+        ckpt = MedusaHFCheckpointer(
+            checkpoint_dir=str(checkpoint_dir),
+            checkpoint_files=files,
+            model_type=model_type,
+            output_dir=out,
+            medusa_checkpoint_dir=str(heads_dir) if heads_dir else None,
+            **kwargs,
+        )
+        sd = ckpt.load_checkpoint()[training.MODEL_KEY]
+        source = ckpt.medusa_heads_source
+    model = getattr(models, builder)(**kwargs)
+    model.load_state_dict(sd, strict=True)
+    tokenizer = None
+    if (checkpoint_dir / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(checkpoint_dir / "tokenizer.json"))
+    _log(f"loaded {checkpoint_dir} ({builder}); heads: {source or 'freshly initialised (untrained)'}")
+    return model.eval(), tokenizer
+
+
+def load_model(args):
+    if args.model == "tiny":
+        return _tiny_model(args.num_heads)
+    if args.model == "smollm2-random":
+        return _smollm2_random(args.num_heads)
+    if args.model == "llama8b-random":
+        from torchtune_medusa.models import medusa_llama3_1_8b
+
+        with torch.device(args.device):
+            model = medusa_llama3_1_8b(medusa_num_heads=args.num_heads).to(torch.bfloat16)
+        return model.eval(), None
+    if args.model == "checkpoint":
+        if not args.checkpoint:
+            raise SystemExit("--model checkpoint needs --checkpoint DIR")
+        return _load_hf(Path(args.checkpoint), args.heads, args.builder, args.model_type, args.num_heads)
+    # smollm2
+    from torchtune_medusa import assets
+
+    try:
+        a = assets.prepare(install_missing=False, verbose=False)
+        path = Path(a.smollm2_dir)
+    except Exception as e:  # noqa: BLE001 - any asset problem: fall back, and say so
+        _log(f"SmolLM2 asset unavailable ({e}); using a SmolLM2-shaped random model")
+        args.model = "smollm2-random"
+        return _smollm2_random(args.num_heads)
+    return _load_hf(path, args.heads, "medusa_smollm2_135m", "LLAMA3", args.num_heads)
+
+
+# ------------------------------------------------------------------------------------------------ measurements
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def step_cost_and_eviction(model, sizes, context_len, repeats) -> Dict[str, object]:
+    cost = measure_step_cost(model, sizes, context_len=context_len, repeats=repeats)
+    rel = {t: cost[t] / cost[min(sizes)] for t in sizes}
+    # Eviction: gather a depth-4 path out of a 64-token tree in every layer, then roll back.
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    t_tree = max(sizes)
+    times = []
+    with scoped_kv_cache(model, batch_size=1, cache_len=context_len + t_tree, dtype=dtype):
+        caches = kv_caches(model)
+        accepted = torch.tensor([0, 1, 11, 40, 60], device=device)
+        for c in caches:
+            c.cache_pos.add_(context_len)
+        for i in range(repeats * 10 + 5):
+            for c in caches:
+                c.cache_pos.add_(t_tree)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            evict_to_path(caches, length=context_len, tree_size=t_tree, accepted=accepted)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 5:
+                times.append(time.perf_counter() - t0)
+            for c in caches:
+                c.cache_pos.sub_(len(accepted))
+    evict = _median(times)
+    return {
+        "context_len": context_len,
+        "step_cost_s": {str(t): v for t, v in cost.items()},
+        "step_cost_relative_to_T1": {str(t): v for t, v in rel.items()},
+        "eviction_s": evict,
+        "eviction_fraction_of_step": {str(t): evict / cost[t] for t in sizes},
+        "_cost": cost,
+    }
+
+
+def run(args) -> Dict[str, object]:
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, tokenizer = load_model(args)
+    model = model.to(device)
+    k = model.num_medusa_heads
+    vocab = model.tok_embeddings.num_embeddings
+    if tokenizer is not None:
+        prompts = [tokenizer.encode(t).ids for t in TEXT_PROMPTS[: args.num_prompts]]
+    else:
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, vocab, (16,), generator=g).tolist() for _ in range(args.num_prompts)]
+    stop = [int(t) for t in args.stop_tokens.split(",") if t] if args.stop_tokens else []
+    _log(
+        f"model={args.model} heads={k} vocab={vocab} prompts={len(prompts)} max_new_tokens={args.max_new_tokens} "
+        f"threads={torch.get_num_threads()} device={device}"
+    )
+
+    # Baseline outputs (also the data for the head accuracies).
+    base_outs = [generate(model, [p], max_new_tokens=args.max_new_tokens, stop_tokens=stop).tokens[0] for p in prompts]
+
+    # Step cost curve and eviction cost.
+    sizes = sorted({int(t) for t in args.step_sizes.split(",")})
+    sc = step_cost_and_eviction(model, sizes, args.context_len, args.cost_repeats)
+    _log(
+        "step cost relative to T=1: " + ", ".join(f"T={t}: {v:.2f}x" for t, v in sc["step_cost_relative_to_T1"].items())
+    )
+    _log(
+        f"eviction: {sc['eviction_s'] * 1e6:.0f} us = "
+        f"{100 * sc['eviction_fraction_of_step'][str(max(sizes))]:.2f}% of a T={max(sizes)} step"
+    )
+
+    # Calibrated tree from the heads' accuracy on the baseline's own greedy continuations (in-sample for these
+    # prompts; pass held-out data for a deployment tree).
+    acc = measure_head_accuracies(model, [p + o for p, o in zip(prompts, base_outs)], topk=10)
+    calibrated = calibrate_tree(acc, sc["_cost"], max_nodes=args.max_nodes, meta={"model": args.model})
+    save_tree(Path(args.out) / "calibrated_tree.json", calibrated)
+    _log(
+        f"calibrated tree: {len(calibrated.medusa_choices)} nodes, predicted tau "
+        f"{calibrated.expected_tokens_per_step:.2f}, predicted speedup {calibrated.expected_speedup:.2f}x"
+    )
+
+    trees: Dict[str, List] = {}
+    for d in sorted({1, min(3, k)}):
+        trees[f"chain{d}"] = chain(d)
+    trees["topk[4,2,1]" if k >= 3 else "topk[4]"] = topk_per_head_tree([4, 2, 1][: min(3, k)])
+    if k >= 4:
+        trees["mc_sim_7b_63"] = MC_SIM_7B_63
+    else:
+        trees[f"mc_sim_7b_63[depth<={k}]"] = [p for p in MC_SIM_7B_63 if len(p) <= k]
+    if calibrated.medusa_choices:
+        trees["calibrated"] = calibrated.medusa_choices
+    if args.trees:
+        trees = {n: trees[n] for n in args.trees.split(",") if n in trees} or trees
+
+    # Warm-up, then interleaved repeats: baseline and every tree in each round.
+    generate(model, [prompts[0]], max_new_tokens=4)
+    for ch in trees.values():
+        medusa_generate(model, [prompts[0]], max_new_tokens=4, medusa_choices=ch)
+    times = {"baseline": [[] for _ in prompts], **{n: [[] for _ in prompts] for n in trees}}
+    ttft = {n: [] for n in times}
+    tokens = {n: [0] * len(prompts) for n in times}
+    stats = {n: [None] * len(prompts) for n in trees}
+    match = {n: True for n in trees}
+    for r in range(args.repeats):
+        for i, p in enumerate(prompts):
+            o = generate(model, [p], max_new_tokens=args.max_new_tokens, stop_tokens=stop)
+            times["baseline"][i].append(o.stats.total_time_s)
+            ttft["baseline"].append(o.stats.time_to_first_token_s)
+            tokens["baseline"][i] = o.stats.new_tokens
+            for n, ch in trees.items():
+                m = medusa_generate(model, [p], max_new_tokens=args.max_new_tokens, medusa_choices=ch, stop_tokens=stop)
+                times[n][i].append(m.stats.total_time_s)
+                ttft[n].append(m.stats.time_to_first_token_s)
+                tokens[n][i] = m.stats.new_tokens
+                stats[n][i] = m.stats
+                match[n] &= m.tokens[0] == o.tokens[0]
+        _log(f"round {r + 1}/{args.repeats} done")
+
+    def summary(name):
+        med = [_median(t) for t in times[name]]
+        total_t, total_n = sum(med), sum(tokens[name])
+        return {
+            "median_latency_s_per_prompt": med,
+            "total_median_latency_s": total_t,
+            "new_tokens": total_n,
+            "tokens_per_second": total_n / total_t,
+            "time_to_first_token_s": _median(ttft[name]),
+        }
+
+    results = {"baseline": summary("baseline"), "trees": {}}
+    base_tps = results["baseline"]["tokens_per_second"]
+    for n, ch in trees.items():
+        s = summary(n)
+        st = [x for x in stats[n] if x is not None]
+        steps = sum(x.steps for x in st)
+        acc_steps = [a for x in st for a in x.accepted_per_step]
+        depth = max(len(x.per_head_acceptance) for x in st)
+        per_head = [
+            sum(x.per_head_acceptance[j] * x.steps for x in st if j < len(x.per_head_acceptance)) / max(steps, 1)
+            for j in range(depth)
+        ]
+        s.update(
+            tree_tokens=build_tree_buffers(ch).num_nodes,
+            tree=tree_stats(ch),
+            tau=sum(acc_steps) / max(len(acc_steps), 1),
+            per_head_acceptance=per_head,
+            speedup=s["tokens_per_second"] / base_tps,
+            greedy_output_equals_baseline=match[n],
+        )
+        results["trees"][n] = s
+    sc.pop("_cost")
+    return {
+        "config": vars(args),
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        },
+        "head_accuracies_top10": acc.tolist(),
+        "calibrated_tree": calibrated.to_dict(),
+        "step_cost": sc,
+        **results,
+    }
+
+
+def plot(res, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    trees = res["trees"]
+    names = list(trees)
+    x = [trees[n]["tree_tokens"] for n in names]
+    ax = axes[0]
+    ax.axhline(res["baseline"]["tokens_per_second"], color="gray", ls="--", label="baseline")
+    ax.scatter(x, [trees[n]["tokens_per_second"] for n in names])
+    for n, xi in zip(names, x):
+        ax.annotate(f"{n}\nτ={trees[n]['tau']:.2f}", (xi, trees[n]["tokens_per_second"]), fontsize=7)
+    ax.set_xlabel("tree tokens per step")
+    ax.set_ylabel("tokens / s")
+    ax.set_title("Tree size vs speed")
+    ax.legend()
+    ax = axes[1]
+    rel = res["step_cost"]["step_cost_relative_to_T1"]
+    ax.plot([int(t) for t in rel], list(rel.values()), marker="o")
+    ax.set_xlabel("T (tokens in one step)")
+    ax.set_ylabel("step cost / 1-token step")
+    ax.set_title(f"Step cost at context {res['step_cost']['context_len']}")
+    ax = axes[2]
+    for n in names:
+        pha = trees[n]["per_head_acceptance"]
+        ax.plot(range(1, len(pha) + 1), pha, marker="o", label=n)
+    ax.set_xlabel("head k")
+    ax.set_ylabel("fraction of steps accepting head k")
+    ax.set_title("Per-head acceptance")
+    ax.legend(fontsize=7)
+    fig.suptitle(
+        f"{res['config']['model']}: speedup " + ", ".join(f"{n} {trees[n]['speedup']:.2f}x" for n in names), fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--model", default="smollm2", choices=["smollm2", "smollm2-random", "tiny", "checkpoint", "llama8b-random"]
+    )
+    p.add_argument("--checkpoint", help="HF-format model folder (--model checkpoint)")
+    p.add_argument("--heads", help="folder with medusa_lm_head.safetensors if not next to the model")
+    p.add_argument("--builder", default="medusa_smollm2_135m", help="torchtune_medusa.models builder for --checkpoint")
+    p.add_argument("--model-type", default="LLAMA3", help="torchtune checkpointer model_type for --checkpoint")
+    p.add_argument("--num-heads", type=int, default=4, help="heads to create when the checkpoint has none")
+    p.add_argument("--num-prompts", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--trees", default="", help="comma-separated subset of tree names to run")
+    p.add_argument("--max-nodes", type=int, default=63, help="largest calibrated tree")
+    p.add_argument("--step-sizes", default="1,4,16,32,64")
+    p.add_argument("--context-len", type=int, default=256)
+    p.add_argument("--cost-repeats", type=int, default=3)
+    p.add_argument("--stop-tokens", default="", help="comma-separated stop token ids")
+    # On a busy or oversubscribed machine --threads 1 can be several times faster than the default.
+    p.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 8)))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="output/bench_decode")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    res = run(args)
+    res["wall_time_s"] = time.perf_counter() - t0
+    (out / "bench_decode.json").write_text(json.dumps(res, indent=1) + "\n")
+    plot(res, out / "bench_decode.png")
+    b = res["baseline"]
+    print(f"\nbaseline: {b['tokens_per_second']:.1f} tok/s, TTFT {b['time_to_first_token_s'] * 1e3:.1f} ms")
+    print(f"{'tree':<26}{'T':>4}{'tau':>7}{'tok/s':>9}{'speedup':>9}  per-head acceptance   lossless")
+    for n, t in res["trees"].items():
+        pha = " ".join(f"{a:.2f}" for a in t["per_head_acceptance"])
+        print(
+            f"{n:<26}{t['tree_tokens']:>4}{t['tau']:>7.2f}{t['tokens_per_second']:>9.1f}{t['speedup']:>8.2f}x  "
+            f"{pha:<20} {t['greedy_output_equals_baseline']}"
+        )
+    sc = res["step_cost"]
+    print(
+        "step cost / 1-token step: " + ", ".join(f"T={t}: {v:.2f}" for t, v in sc["step_cost_relative_to_T1"].items())
+    )
+    print("eviction / step: " + ", ".join(f"T={t}: {100 * v:.2f}%" for t, v in sc["eviction_fraction_of_step"].items()))
+    print(f"wrote {out / 'bench_decode.json'} and {out / 'bench_decode.png'} ({res['wall_time_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

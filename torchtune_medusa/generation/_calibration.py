@@ -107,10 +107,11 @@ def measure_step_cost(
 ) -> Dict[int, float]:
     """Median seconds of one decoding step that verifies ``T`` tree tokens, for each ``T`` in ``tree_sizes``.
 
-    A step is what :func:`~torchtune_medusa.generation.medusa_generate` does per tree: the heads' top-k at one
-    position, a forward of ``T`` tokens over a cache holding ``context_len`` tokens, the base logits of the ``T``
-    tokens, and the cache roll-back. (The attention cost does not depend on the mask's pattern, so a chain mask is
-    used.) Caches are created for the measurement and removed afterwards.
+    A step is what :func:`~torchtune_medusa.generation.medusa_generate` does per tree: the top-k of
+    ``min(K, T - 1)`` heads at one position (none for ``T == 1``, which is exactly a plain decoding step), a
+    forward of ``T`` tokens over a cache holding ``context_len`` tokens, the base logits of the ``T`` tokens, and
+    the cache roll-back. The attention cost does not depend on the mask's pattern, so a chain mask is used.
+    Caches are created for the measurement and removed afterwards.
 
     Args:
         model (nn.Module): a Medusa (or plain) torchtune decoder.
@@ -152,7 +153,7 @@ def measure_step_cost(
                         torch.cuda.synchronize(device)
                     t0 = time.perf_counter()
                     if medusa:
-                        for k in range(1, model.num_medusa_heads + 1):
+                        for k in range(1, min(model.num_medusa_heads, t - 1) + 1):
                             torch.topk(model.project(last, k), 10)
                         hid = model(toks, mask=mask, input_pos=pos)
                         model.project(hid[0], 0).argmax(-1).tolist()

@@ -27,6 +27,10 @@ RECIPES: Tuple[RecipeEntry, ...] = (
         supports_distributed=True,
         configs=(
             "smollm2/135M_medusa.yaml",
+            "smollm2/135M_medusa2.yaml",
+            "llama3_2/1B_medusa.yaml",
+            "llama3_1/8B_medusa.yaml",
+            "llama3_1/8B_medusa_qlora.yaml",
             "llama3_3/llama_medusa.yaml",
         ),
     ),

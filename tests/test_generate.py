@@ -317,3 +317,43 @@ def test_exact_match_sampling_is_reproducible(trained_model):
     a = medusa_generate(trained_model, [p], max_new_tokens=20, temperature=1.0, seed=1, medusa_choices=chain(3))
     b = medusa_generate(trained_model, [p], max_new_tokens=20, temperature=1.0, seed=1, medusa_choices=chain(3))
     assert a.tokens == b.tokens and len(a.tokens[0]) == 20
+
+
+# ----------------------------------------------------------------------------------------------- SmolLM2 asset
+
+
+@pytest.mark.slow
+def test_medusa_greedy_equals_baseline_smollm2(tmp_path):
+    """The real SmolLM2-135M-Instruct (offline asset), with freshly initialised heads and with perturbed heads."""
+    from torchtune import training
+
+    from torchtune_medusa import assets
+    from torchtune_medusa.models import medusa_smollm2_135m
+    from torchtune_medusa.training import MedusaHFCheckpointer
+
+    try:
+        a = assets.prepare(install_missing=False, verbose=False)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"SmolLM2 asset unavailable: {e}")
+    ckpt = MedusaHFCheckpointer(
+        checkpoint_dir=str(a.smollm2_dir),
+        checkpoint_files=["model.safetensors"],
+        model_type="LLAMA3",
+        output_dir=str(tmp_path),
+        medusa_num_heads=4,
+    )
+    model = medusa_smollm2_135m(medusa_num_heads=4)
+    model.load_state_dict(ckpt.load_checkpoint()[training.MODEL_KEY])
+    model.eval()
+    prompts = [[1, 9690, 198, 2683, 314, 253], [504, 2821, 282, 4544, 314]]
+    for perturb in (False, True):
+        if perturb:
+            torch.manual_seed(0)
+            with torch.no_grad():
+                for name, p in model.medusa_heads.named_parameters():
+                    if "linear.weight" in name:
+                        p.normal_(0, 0.02)
+        for p in prompts:
+            base = generate(model, [p], max_new_tokens=12).tokens[0]
+            for tree in (chain(3), "mc_sim_7b_63"):
+                assert medusa_generate(model, [p], max_new_tokens=12, medusa_choices=tree).tokens[0] == base

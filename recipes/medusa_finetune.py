@@ -362,23 +362,27 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 if hasattr(m, "rope_init"):
                     m.rope_init()
         if lora_names:
-            # LoRA params are not in the base checkpoint: initialise them (as torchtune's LoRA recipe does)
-            lora_device = "cpu" if self.fsdp_cpu_offload else self._device
-            with training.set_default_dtype(self._dtype), self._device:
-                for m in model.modules():
-                    if isinstance(m, (LoRALinear, DoRALinear)):
-                        m.to_empty(device=lora_device)
-                        m.initialize_parameters()
-        missing, unexpected = training.load_from_full_model_state_dict(
-            model, model_state_dict, self._device, strict=not lora_names, cpu_offload=self.fsdp_cpu_offload
+            # LoRA params are not in the base checkpoint. Initialise them as torchtune's LoRALinear does (A:
+            # kaiming-uniform, B: zeros) but as full tensors from a generator seeded with the config seed, so
+            # that the initial adapters are the same for any number of processes (torchtune's LoRA recipe
+            # initialises each rank's shard from that rank's RNG instead).
+            gen = torch.Generator().manual_seed(int(self.seed))
+            for name, p in model.named_parameters():
+                if name not in lora_names or name in model_state_dict:
+                    continue
+                full = torch.zeros(p.shape, dtype=torch.float32)
+                if "lora_a" in name:
+                    nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
+                elif "magnitude" in name:
+                    full.fill_(1.0)  # replaced by initialize_dora_magnitude below
+                model_state_dict[name] = full.to(self._dtype)
+        training.load_from_full_model_state_dict(
+            model, model_state_dict, self._device, strict=True, cpu_offload=self.fsdp_cpu_offload
         )
         if lora_names:
             for m in model.modules():
                 if hasattr(m, "initialize_dora_magnitude"):
                     m.initialize_dora_magnitude()
-            bad = [k for k in missing if k not in lora_names and "magnitude" not in k]
-            if bad or unexpected:
-                raise RuntimeError(f"checkpoint does not match the model: missing {bad[:5]}, unexpected {unexpected[:5]}")
         training.validate_no_params_on_meta_device(model)
         model.set_return_hidden(True)
         utils.log_rank_zero(
@@ -514,6 +518,13 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         chunks = max(1, getattr(self._loss_fn, "num_output_chunks", 8))
         return torch.cat([self._model.project(h, 0).argmax(-1) for h in hidden.chunk(chunks, dim=1)], dim=1)
 
+    def _project_outside_forward(self, hidden: torch.Tensor, head: int) -> torch.Tensor:
+        """``model.project`` for callers outside the training loss (validation): a tied output under FSDP needs
+        the root unit's parameters gathered (the loop reshards them afterwards)."""
+        if head == 0 and self._unshard_root_for_loss:
+            self._model.unshard()
+        return self._model.project(hidden, head)
+
     def _teacher_project(self, hidden: torch.Tensor, head: int) -> torch.Tensor:
         with disable_adapter(self._model):
             return self._model.project(hidden, head)
@@ -575,10 +586,6 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 labels = torch.where(labels != self._ignore_index, greedy, labels)
         else:
             hidden = self._model(**self._model_inputs(batch))
-        if self._unshard_root_for_loss:
-            # A tied output (TiedLinear) reads the token embedding of the root FSDP unit outside the model's
-            # forward: gather the root's (small) parameters for the loss; resharded after backward.
-            self._model.unshard()
         if self._self_distill:
             if self._lora_param_names:
                 with torch.no_grad(), disable_adapter(self._model):
@@ -586,9 +593,17 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 teacher_project = self._teacher_project
             else:  # Medusa-1: the frozen model is its own teacher
                 teacher_hidden, teacher_project = hidden.detach(), self._model.project
+            if self._unshard_root_for_loss:
+                # A tied output (TiedLinear) reads the token embedding of the root FSDP unit outside the model's
+                # forward: gather the root's (small) parameters for the loss; resharded after backward.
+                self._model.unshard()
             out = self._loss_fn(hidden, labels, self._model.project, teacher_hidden, teacher_project,
                                 num_heads=self._model.num_medusa_heads)
         else:
+            if self._unshard_root_for_loss:
+                # A tied output (TiedLinear) reads the token embedding of the root FSDP unit outside the model's
+                # forward: gather the root's (small) parameters for the loss; resharded after backward.
+                self._model.unshard()
             out = self._loss_fn(hidden, labels, self._model.project, num_heads=self._model.num_medusa_heads)
         return out, labels
 
@@ -705,7 +720,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             res = evaluate_heads(
                 batches=batches,
                 hidden_fn=self._backbone_hidden_no_grad,
-                project=self._model.project,
+                project=self._project_outside_forward,
                 num_heads=self._model.num_medusa_heads,
                 ignore_index=self._ignore_index,
                 topk=topk,
@@ -713,6 +728,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 device=self._device,
                 world_size=self.world_size,
             )
+            if self._unshard_root_for_loss:
+                self._model.reshard()
             metrics.update(res["metrics"])
             agreement = res["agreement"]
         num_nodes = self._val_cfg.get("calibrate_tree_nodes", None)
@@ -721,7 +738,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             if tree:
                 self._calibrated_tree = tree
         # real tree decoding on rank 0 with an unsharded model
-        if self._val_prompts or not self._is_rank_zero:
+        # the same decision on every rank: under FSDP the unsharded copy is gathered collectively
+        if int(self._val_cfg.get("num_prompts", 0)) > 0:
             decode_model = self._unsharded_model_for_decoding()
             if self._is_rank_zero and self._val_prompts:
                 choices = self._medusa_choices

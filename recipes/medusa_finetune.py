@@ -33,14 +33,14 @@ from torchtune.data import padded_collate_packed
 from torchtune.datasets import ConcatDataset
 from torchtune.modules.peft import (
     disable_adapter,
+    DoRALinear,
     get_adapter_params,
     get_adapter_state_dict,
     get_merged_lora_ckpt,
-    DoRALinear,
     LoRALinear,
 )
 from torchtune.recipe_interfaces import FTRecipeInterface
-from torchtune.training import DummyProfiler, PROFILER_KEY
+from torchtune.training import PROFILER_KEY
 from tqdm import tqdm
 
 from torchtune_medusa._config import register_resolvers
@@ -75,8 +75,16 @@ register_resolvers()
 
 log = utils.get_logger("INFO")
 
-_LORA_MODEL_KEYS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
-                    "lora_dropout", "use_dora", "quantize_base")
+_LORA_MODEL_KEYS = (
+    "lora_attn_modules",
+    "apply_lora_to_mlp",
+    "apply_lora_to_output",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "use_dora",
+    "quantize_base",
+)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -92,7 +100,9 @@ def check_config(cfg: DictConfig) -> None:
             raise ValueError(f"medusa_finetune: config is missing `{key}`; start from `tune cp` of a shipped config")
     version = cfg.get("medusa_version", 1)
     if version not in (1, 2):
-        raise ValueError(f"medusa_version must be 1 (frozen backbone, heads only) or 2 (LoRA/QLoRA + heads), got {version!r}")
+        raise ValueError(
+            f"medusa_version must be 1 (frozen backbone, heads only) or 2 (LoRA/QLoRA + heads), got {version!r}"
+        )
     component = str(cfg.model.get("_component_", ""))
     lora_keys = [k for k in _LORA_MODEL_KEYS if k in cfg.model]
     is_lora = "lora" in component.rsplit(".", 1)[-1] or bool(lora_keys)
@@ -125,7 +135,9 @@ def check_config(cfg: DictConfig) -> None:
             if "://" in f or any(c in f for c in "*?["):
                 continue
             if not os.path.exists(f):
-                hint = " (run `python -m torchtune_medusa.assets prepare` for the offline assets)" if "medusa" in f else ""
+                hint = (
+                    " (run `python -m torchtune_medusa.assets prepare` for the offline assets)" if "medusa" in f else ""
+                )
                 raise FileNotFoundError(f"dataset file not found: {f}{hint}")
     ckpt_dir = cfg.checkpointer.get("checkpoint_dir", None)
     if ckpt_dir is not None and not os.path.isdir(str(ckpt_dir)):
@@ -137,9 +149,7 @@ def check_config(cfg: DictConfig) -> None:
     want = cfg.model.get("medusa_num_heads", None)
     ck_heads = cfg.checkpointer.get("medusa_num_heads", None)
     if want is not None and ck_heads is not None and int(want) != int(ck_heads):
-        raise ValueError(
-            f"model.medusa_num_heads={want} but checkpointer.medusa_num_heads={ck_heads}; they must agree"
-        )
+        raise ValueError(f"model.medusa_num_heads={want} but checkpointer.medusa_num_heads={ck_heads}; they must agree")
     for d in (cfg.checkpointer.get("medusa_checkpoint_dir", None), ckpt_dir):
         if d is None:
             continue
@@ -341,7 +351,9 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
 
         self._sharded = self.world_size > 1
         if self._sharded:
-            device_mesh = dist.init_device_mesh(self._device.type, mesh_shape=(self.world_size,), mesh_dim_names=("dp",))
+            device_mesh = dist.init_device_mesh(
+                self._device.type, mesh_shape=(self.world_size,), mesh_dim_names=("dp",)
+            )
             names = cfg.get("custom_sharded_layers", None)
             training.shard_model(
                 model=model,
@@ -597,8 +609,14 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 # A tied output (TiedLinear) reads the token embedding of the root FSDP unit outside the model's
                 # forward: gather the root's (small) parameters for the loss; resharded after backward.
                 self._model.unshard()
-            out = self._loss_fn(hidden, labels, self._model.project, teacher_hidden, teacher_project,
-                                num_heads=self._model.num_medusa_heads)
+            out = self._loss_fn(
+                hidden,
+                labels,
+                self._model.project,
+                teacher_hidden,
+                teacher_project,
+                num_heads=self._model.num_medusa_heads,
+            )
         else:
             if self._unshard_root_for_loss:
                 # A tied output (TiedLinear) reads the token embedding of the root FSDP unit outside the model's
@@ -669,8 +687,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         path = find_latest_training_state(self._output_dir)
         if path is None:
             raise FileNotFoundError(
-                f"resume_from_checkpoint=True but there is no training state in {self._output_dir / TRAINING_STATE_DIR} "
-                "(written every save_every_n_steps and at epoch ends)"
+                "resume_from_checkpoint=True but there is no training state in "
+                f"{self._output_dir / TRAINING_STATE_DIR} (written every save_every_n_steps and at epoch ends)"
             )
         state = torch.load(path / "recipe_state.pt", weights_only=False)
         if state["num_heads"] != self._model.num_medusa_heads:
@@ -716,7 +734,9 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         metrics: Dict[str, Any] = {}
         agreement = None
         if self._val_batches:
-            batches = [{k: v.to(self._device) if torch.is_tensor(v) else v for k, v in b.items()} for b in self._val_batches]
+            batches = [
+                {k: v.to(self._device) if torch.is_tensor(v) else v for k, v in b.items()} for b in self._val_batches
+            ]
             res = evaluate_heads(
                 batches=batches,
                 hidden_fn=self._backbone_hidden_no_grad,
@@ -826,7 +846,9 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                     break
                 stage = stage_at(self._stages, self.global_step)
                 if stage.name != current_stage.name:
-                    utils.log_rank_zero(log, f"Stage switch at step {self.global_step}: {current_stage.name} -> {stage.name}")
+                    utils.log_rank_zero(
+                        log, f"Stage switch at step {self.global_step}: {current_stage.name} -> {stage.name}"
+                    )
                     current_stage = stage
                 if hasattr(self._loss_fn, "set_step"):
                     self._loss_fn.set_step(self.global_step, max(1, self._total_steps))
@@ -838,7 +860,9 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 running_loss += current_loss.detach()
                 if head_sums is None:
                     head_sums, head_correct, head_counts = (
-                        out.head_loss_sums.clone(), out.head_topk_correct.clone(), out.head_counts.clone()
+                        out.head_loss_sums.clone(),
+                        out.head_topk_correct.clone(),
+                        out.head_counts.clone(),
                     )
                 else:
                     head_sums += out.head_loss_sums

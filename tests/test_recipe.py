@@ -85,7 +85,9 @@ def assets(tmp_path_factory):
 
 def make_cfg(assets, out: Path, *, version: int = 1, **overrides):
     model = {
-        "_component_": "torchtune_medusa.models.medusa_smollm2" if version == 1 else "torchtune_medusa.models.lora_medusa_smollm2",
+        "_component_": "torchtune_medusa.models.medusa_smollm2"
+        if version == 1
+        else "torchtune_medusa.models.lora_medusa_smollm2",
         **TINY_ARGS,
         "rope_base": 10_000,
         "medusa_num_heads": 3,
@@ -98,8 +100,11 @@ def make_cfg(assets, out: Path, *, version: int = 1, **overrides):
         "output_dir": str(out),
         "medusa_version": version,
         "model": model,
-        "tokenizer": {"_component_": "torchtune_medusa.data.smollm2_tokenizer", "path": str(assets["hf"]),
-                      "max_seq_len": 96},
+        "tokenizer": {
+            "_component_": "torchtune_medusa.data.smollm2_tokenizer",
+            "path": str(assets["hf"]),
+            "max_seq_len": 96,
+        },
         "checkpointer": {
             "_component_": "torchtune_medusa.training.MedusaHFCheckpointer",
             "checkpoint_dir": str(assets["hf"]),
@@ -110,8 +115,11 @@ def make_cfg(assets, out: Path, *, version: int = 1, **overrides):
             "medusa_num_layers": 1,
             "medusa_projection": "own",
         },
-        "dataset": {"_component_": "torchtune_medusa.data.medusa_chat_dataset", "data_files": str(assets["train"]),
-                    "max_seq_len": 96},
+        "dataset": {
+            "_component_": "torchtune_medusa.data.medusa_chat_dataset",
+            "data_files": str(assets["train"]),
+            "max_seq_len": 96,
+        },
         "seed": 7,
         "shuffle": True,
         "batch_size": 4,
@@ -121,7 +129,8 @@ def make_cfg(assets, out: Path, *, version: int = 1, **overrides):
         "optimizer": {"_component_": "torch.optim.AdamW", "lr": 3e-3, "weight_decay": 0.0},
         "medusa_lr_multiplier": 1.0 if version == 1 else 4.0,
         "loss": {
-            "_component_": "torchtune_medusa.modules.loss.MedusaCrossEntropyLoss" if version == 1
+            "_component_": "torchtune_medusa.modules.loss.MedusaCrossEntropyLoss"
+            if version == 1
             else "torchtune_medusa.modules.loss.MedusaSelfDistillationLoss",
             "num_output_chunks": 2,
             "heads_coefficient": 1.0,
@@ -215,7 +224,11 @@ def _trainable_state(recipe):
 def medusa2_run(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("m2")
     cfg = make_cfg(
-        assets, out, version=2, epochs=1, max_steps_per_epoch=6,
+        assets,
+        out,
+        version=2,
+        epochs=1,
+        max_steps_per_epoch=6,
         stages=[{"name": "heads_warmup", "steps": 3}, {"name": "joint"}],
     )
     torch.manual_seed(0)
@@ -240,7 +253,9 @@ def test_medusa2_changes_only_adapters_and_heads(assets, medusa2_run):
     assert lora_b and any(final[k].abs().sum() > 0 for k in lora_b), "adapters did not train"
     # merged output differs from the base where LoRA applies
     merged = base_weights(out, 0)
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"]
+    )
     assert torch.equal(merged["model.layers.0.mlp.gate_proj.weight"], before["model.layers.0.mlp.gate_proj.weight"])
     assert (out / "epoch_0" / "medusa_lm_head.safetensors").is_file()
 
@@ -315,11 +330,20 @@ def test_hidden_cache_trains_heads(assets, tmp_path):
 def test_validation_reports_tau_and_tree(assets, tmp_path):
     out = tmp_path / "val"
     cfg = make_cfg(
-        assets, out, epochs=1, max_steps_per_epoch=4,
+        assets,
+        out,
+        epochs=1,
+        max_steps_per_epoch=4,
         validation={
-            "dataset": {"_component_": "torchtune_medusa.data.medusa_chat_dataset",
-                        "data_files": str(assets["heldout"]), "max_seq_len": 96},
-            "every_n_steps": 2, "num_prompts": 3, "max_new_tokens": 12, "calibrate_tree_nodes": 6,
+            "dataset": {
+                "_component_": "torchtune_medusa.data.medusa_chat_dataset",
+                "data_files": str(assets["heldout"]),
+                "max_seq_len": 96,
+            },
+            "every_n_steps": 2,
+            "num_prompts": 3,
+            "max_new_tokens": 12,
+            "calibrate_tree_nodes": 6,
         },
     )
     run_recipe(cfg)
@@ -375,8 +399,15 @@ def test_bad_config_fails_before_heavy_work(assets, tmp_path, overrides, error, 
 
 def test_head_count_mismatch_with_head_checkpoint(assets, medusa1_run, tmp_path):
     out, _ = medusa1_run  # epoch_1 holds a 3-head sidecar
-    cfg = make_cfg(assets, tmp_path / "mismatch", **{"model.medusa_num_heads": 4, "checkpointer.medusa_num_heads": 4,
-                                                      "checkpointer.medusa_checkpoint_dir": str(out / "epoch_1")})
+    cfg = make_cfg(
+        assets,
+        tmp_path / "mismatch",
+        **{
+            "model.medusa_num_heads": 4,
+            "checkpointer.medusa_num_heads": 4,
+            "checkpointer.medusa_checkpoint_dir": str(out / "epoch_1"),
+        },
+    )
     with pytest.raises(ValueError, match="has 3 Medusa heads"):
         recipe_mod.check_config(cfg)
 
@@ -389,16 +420,35 @@ def test_single_process_equals_two_process_fsdp(assets, tmp_path, version):
     outs = {}
     extra = {}
     if version == 2:
-        extra = {"stages": [{"name": "heads", "steps": 1}, {"name": "joint"}],
-                 "optimizer": {"_component_": "torch.optim.SGD", "lr": 0.05}}
+        extra = {
+            "stages": [{"name": "heads", "steps": 1}, {"name": "joint"}],
+            "optimizer": {"_component_": "torch.optim.SGD", "lr": 0.05},
+        }
     for nproc in (1, 2):
         out = tmp_path / f"np{nproc}"
-        cfg = make_cfg(assets, out, version=version, epochs=1, max_steps_per_epoch=3, batch_size=4 // nproc,
-                       shuffle=False, **{"model.medusa_num_heads": 2, "checkpointer.medusa_num_heads": 2}, **extra)
+        cfg = make_cfg(
+            assets,
+            out,
+            version=version,
+            epochs=1,
+            max_steps_per_epoch=3,
+            batch_size=4 // nproc,
+            shuffle=False,
+            **{"model.medusa_num_heads": 2, "checkpointer.medusa_num_heads": 2},
+            **extra,
+        )
         cfg_path = tmp_path / f"np{nproc}.yaml"
         OmegaConf.save(cfg, cfg_path)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(RECIPE), "--config", str(cfg_path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(RECIPE),
+            "--config",
+            str(cfg_path),
+        ]
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-4000:]

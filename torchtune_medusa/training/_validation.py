@@ -118,9 +118,7 @@ def _accumulate(logits, targets, ignore_index, topk, head, loss_sums, top1, topk
     valid = tgt != ignore_index
     if not valid.any():
         return
-    loss_sums[head] += torch.nn.functional.cross_entropy(
-        flat, tgt, ignore_index=ignore_index, reduction="sum"
-    ).double()
+    loss_sums[head] += torch.nn.functional.cross_entropy(flat, tgt, ignore_index=ignore_index, reduction="sum").double()
     ranks = flat.topk(min(topk, flat.size(-1)), dim=-1).indices
     hits = (ranks == tgt.unsqueeze(-1)) & valid.unsqueeze(-1)
     top1[head] += hits[:, 0].sum().double()

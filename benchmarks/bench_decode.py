@@ -118,7 +118,7 @@ def _smollm2_random(num_heads: int):
     torch.manual_seed(0)
     model = medusa_smollm2_135m(medusa_num_heads=num_heads)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.02)
     return model.eval(), None

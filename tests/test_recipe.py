@@ -300,6 +300,7 @@ def _run_killed_and_resumed(assets, tmp_path, kill_after_steps, **kw):
     return run_recipe(cfg), out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [5, 8])  # mid-epoch, epoch end (8 steps per epoch)
 def test_resume_equals_uninterrupted(assets, medusa1_run, tmp_path, kill_after):
     ref_out, ref = medusa1_run
@@ -412,6 +413,7 @@ def test_head_count_mismatch_with_head_checkpoint(assets, medusa1_run, tmp_path)
         recipe_mod.check_config(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [1, 2])
 def test_single_process_equals_two_process_fsdp(assets, tmp_path, version):
     """Same global batch (1 x 4 vs 2 x 2): the FSDP run ends with the single-process weights (Medusa-2: heads

@@ -4,13 +4,23 @@
 # This source code is licensed under the BSD-style license found in the
 # LICENSE file in the root directory of this source tree.
 
+from torchtune_medusa.modules.loss import (
+    medusa_loss_metrics,
+    MedusaCrossEntropyLoss,
+    MedusaLossOutput,
+    MedusaSelfDistillationLoss,
+)
 from torchtune_medusa.modules.medusa_heads import medusa_heads, MedusaHead, MedusaResBlock
 from torchtune_medusa.modules.transformer import MedusaOutput, MedusaTransformerDecoder
 
 __all__ = [
+    "MedusaCrossEntropyLoss",
     "MedusaHead",
+    "MedusaLossOutput",
     "MedusaOutput",
     "MedusaResBlock",
+    "MedusaSelfDistillationLoss",
     "MedusaTransformerDecoder",
     "medusa_heads",
+    "medusa_loss_metrics",
 ]

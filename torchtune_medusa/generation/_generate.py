@@ -24,6 +24,7 @@ from torch import nn
 from torchtune_medusa.generation._kv import evict_to_path, kv_caches, scoped_kv_cache
 from torchtune_medusa.generation._sampling import greedy_node_mask, sample_next, select_path, typical_node_mask
 from torchtune_medusa.generation._tree import build_tree_buffers, MC_SIM_7B_63, TreeBuffers
+from torchtune_medusa.modules.transformer import MedusaTransformerDecoder
 
 log = logging.getLogger(__name__)
 
@@ -103,26 +104,23 @@ def _cache_dtype(model: nn.Module) -> torch.dtype:
 
 
 class _Runner:
-    """Runs the decoder and returns base logits only at the requested positions (plus the normed hidden state
-    for Medusa models, from which the heads are projected lazily)."""
+    """Runs the decoder and returns base logits only at the requested positions, plus the normed hidden state
+    from which Medusa heads are projected lazily. A plain torchtune decoder is viewed through a zero-head
+    :class:`MedusaTransformerDecoder` sharing its modules (and KV caches), so that a prefill never projects every
+    prompt position to the vocabulary either."""
 
     def __init__(self, model: nn.Module):
+        if not _is_medusa(model):
+            model = MedusaTransformerDecoder.from_decoder(model, nn.ModuleList())
+            model.set_return_hidden(True)
         self.model = model
-        self.medusa = _is_medusa(model)
 
     def __call__(self, tokens, mask, input_pos, select: Optional[torch.Tensor] = None):
-        """Return ``(logits [b, n, v], hidden [b, n, d] or None)`` at positions ``select`` (all when None)."""
-        if self.medusa:
-            h = self.model(tokens, mask=mask, input_pos=input_pos)
-            if select is not None:
-                h = h[:, select]
-            return self.model.project(h, 0), h
-        out = self.model(tokens, mask=mask, input_pos=input_pos)
-        if isinstance(out, list):
-            out = torch.cat(out, dim=1)
-        if isinstance(out, tuple) or hasattr(out, "logits"):  # a MedusaOutput from a model without project()
-            out = out[0]
-        return (out[:, select] if select is not None else out), None
+        """Return ``(logits [b, n, v], hidden [b, n, d])`` at positions ``select`` (all when None)."""
+        h = self.model(tokens, mask=mask, input_pos=input_pos)
+        if select is not None:
+            h = h[:, select]
+        return self.model.project(h, 0), h
 
 
 class _ReturnHidden:

@@ -528,7 +528,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
     def _base_greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[b, s]`` base model's greedy token after every position (chunked projection, no grad)."""
         chunks = max(1, getattr(self._loss_fn, "num_output_chunks", 8))
-        return torch.cat([self._model.project(h, 0).argmax(-1) for h in hidden.chunk(chunks, dim=1)], dim=1)
+        return torch.cat([self._project_outside_forward(h, 0).argmax(-1) for h in hidden.chunk(chunks, dim=1)], dim=1)
 
     def _project_outside_forward(self, hidden: torch.Tensor, head: int) -> torch.Tensor:
         """``model.project`` for callers outside the training loss (validation): a tied output under FSDP needs
@@ -569,6 +569,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             progress=lambda n: pbar.update(n - pbar.n),
         )
         pbar.close()
+        if self._unshard_root_for_loss:
+            self._model.reshard()
         self._hidden_cache = cache
         utils.log_rank_zero(
             log,

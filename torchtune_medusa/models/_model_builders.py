@@ -11,14 +11,12 @@ variants are ``functools.partial(lora_..., quantize_base=True)``, as torchtune's
 
 All names work as ``_component_`` in configs, e.g. ``torchtune_medusa.models.lora_medusa_llama3_1_8b``.
 
-The presets are made by :func:`_medusa_preset` and :func:`_lora_medusa_preset` from a component builder and the
-architecture arguments of one size; their signatures are those of :func:`_medusa_signature` and
-:func:`_lora_medusa_signature` (plus ``tie_word_embeddings`` for the Llama 3.2 presets).
+Each preset is one line over its component builder: the architecture arguments of its size are fixed here, and
+every other keyword argument goes to the builder, which documents and validates it.
 """
 
-import inspect
 from functools import partial
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Sequence
 
 from torchtune.modules.peft import LORA_ATTN_MODULES
 
@@ -45,191 +43,104 @@ _LLAMA3_2_1B = dict(_LLAMA3_2_COMMON, num_layers=16, num_heads=32, embed_dim=204
 _LLAMA3_2_3B = dict(_LLAMA3_2_COMMON, num_layers=28, num_heads=24, embed_dim=3072, intermediate_dim=8192)
 
 
-# The presets' signatures (never called).
-def _medusa_signature(
-    *,
-    medusa_num_heads: int = 4,
-    medusa_num_layers: int = 1,
-    medusa_projection: str = "own",
-) -> MedusaTransformerDecoder: ...
+# torchtune's LoRA presets default to rank 8, alpha 16; the component builders require both.
+_LORA_DEFAULTS = dict(lora_rank=8, lora_alpha=16)
 
 
-def _lora_medusa_signature(
-    lora_attn_modules: List[LORA_ATTN_MODULES] = DEFAULT_LORA_ATTN_MODULES,
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    use_dora: bool = False,
-    quantize_base: bool = False,
-    *,
-    medusa_num_heads: int = 4,
-    medusa_num_layers: int = 1,
-    medusa_projection: str = "own",
-) -> MedusaTransformerDecoder: ...
+def _lora_kwargs(lora_attn_modules: Sequence[LORA_ATTN_MODULES], kwargs: Any) -> dict:
+    return dict(_LORA_DEFAULTS, lora_attn_modules=list(lora_attn_modules), **kwargs)
 
 
-_ARG_DOCS = {
-    "lora_attn_modules": "lora_attn_modules (List[LORA_ATTN_MODULES]): attention projections LoRA is applied to.\n"
-    '        Default ``["q_proj", "v_proj", "output_proj"]``.',
-    "apply_lora_to_mlp": "apply_lora_to_mlp (bool): apply LoRA to the MLPs. Default False.",
-    "apply_lora_to_output": "apply_lora_to_output (bool): apply LoRA to the output layer (refused for tied outputs). "
-    "Default False.",
-    "lora_rank": "lora_rank (int): LoRA rank. Default 8.",
-    "lora_alpha": "lora_alpha (float): LoRA alpha. Default 16.",
-    "lora_dropout": "lora_dropout (float): LoRA dropout. Default 0.0.",
-    "use_dora": "use_dora (bool): DoRA instead of LoRA. Default False.",
-    "quantize_base": "quantize_base (bool): NF4 base weights in the LoRA linears (QLoRA). Default False.",
-    "tie_word_embeddings": "tie_word_embeddings (bool): tie the output layer to the token embeddings. Default True.",
-    "medusa_num_heads": "medusa_num_heads (int): Medusa heads K, ``>= 1``. Default 4.",
-    "medusa_num_layers": "medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.",
-    "medusa_projection": 'medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.',
-}
+def medusa_llama3_1_8b(**medusa_kwargs: Any) -> MedusaTransformerDecoder:
+    """Llama 3.1 8B with Medusa heads (``medusa_num_heads=4``, ``medusa_num_layers=1``, ``medusa_projection="own"``
+    unless given; see :func:`~torchtune_medusa.models.medusa_llama3_1`)."""
+    return medusa_llama3_1(**_LLAMA3_1_8B, **medusa_kwargs)
 
 
-def _with_tie_word_embeddings(signature: inspect.Signature) -> inspect.Signature:
-    """``signature`` with a keyword-only ``tie_word_embeddings: bool = True`` before the Medusa arguments."""
-    params = list(signature.parameters.values())
-    at = [p.name for p in params].index("medusa_num_heads")
-    tie = inspect.Parameter("tie_word_embeddings", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool)
-    return signature.replace(parameters=params[:at] + [tie] + params[at:])
+def medusa_llama3_1_70b(**medusa_kwargs: Any) -> MedusaTransformerDecoder:
+    """Llama 3.1 70B with Medusa heads (arguments as :func:`medusa_llama3_1_8b`)."""
+    return medusa_llama3_1(**_LLAMA3_1_70B, **medusa_kwargs)
 
 
-def _make_preset(
-    name: str,
-    signature: inspect.Signature,
-    build: Callable[..., MedusaTransformerDecoder],
-    summary: str,
-) -> Callable[..., MedusaTransformerDecoder]:
-    """A module-level function ``name`` with ``signature`` that calls ``build(**arguments)`` with the bound
-    arguments (defaults applied), documented by ``summary`` and the shared argument descriptions."""
-
-    def preset(*args: Any, **kwargs: Any) -> MedusaTransformerDecoder:
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError as e:
-            raise TypeError(f"{name}() {e}") from None
-        bound.apply_defaults()
-        return build(**bound.arguments)
-
-    args_doc = "\n".join(f"    {_ARG_DOCS[p]}" for p in signature.parameters)
-    preset.__name__ = preset.__qualname__ = name
-    preset.__signature__ = signature
-    preset.__doc__ = f"{summary}\n\nArgs:\n{args_doc}\n\nReturns:\n    MedusaTransformerDecoder: the model.\n"
-    return preset
+def medusa_llama3_1_405b(**medusa_kwargs: Any) -> MedusaTransformerDecoder:
+    """Llama 3.1 405B with Medusa heads (arguments as :func:`medusa_llama3_1_8b`)."""
+    return medusa_llama3_1(**_LLAMA3_1_405B, **medusa_kwargs)
 
 
-def _medusa_preset(
-    name: str,
-    component_builder: Callable[..., MedusaTransformerDecoder],
-    size_kwargs: Dict[str, Any],
-    description: str,
-    *,
-    tie_word_embeddings: bool = False,
-) -> Callable[..., MedusaTransformerDecoder]:
-    """The full-model preset ``name``: ``component_builder(**size_kwargs, <Medusa arguments>)``. With
-    ``tie_word_embeddings``, the preset also takes that argument (the Llama 3.2 builders')."""
-    signature = inspect.signature(_medusa_signature)
-    if tie_word_embeddings:
-        signature = _with_tie_word_embeddings(signature)
-    return _make_preset(
-        name,
-        signature,
-        lambda **kwargs: component_builder(**size_kwargs, **kwargs),
-        f"{description} with Medusa heads.",
-    )
+def medusa_llama3_2_1b(**kwargs: Any) -> MedusaTransformerDecoder:
+    """Llama 3.2 1B (tied output) with Medusa heads (``tie_word_embeddings`` and the Medusa arguments, see
+    :func:`~torchtune_medusa.models.medusa_llama3_2`)."""
+    return medusa_llama3_2(**_LLAMA3_2_1B, **kwargs)
 
 
-def _lora_medusa_preset(
-    name: str,
-    component_builder: Callable[..., MedusaTransformerDecoder],
-    size_kwargs: Dict[str, Any],
-    description: str,
-    *,
-    tie_word_embeddings: bool = False,
-) -> Callable[..., MedusaTransformerDecoder]:
-    """The LoRA preset ``name``: ``component_builder(**size_kwargs, <LoRA and Medusa arguments>)``, with
-    ``lora_attn_modules`` passed as a list."""
-    signature = inspect.signature(_lora_medusa_signature)
-    if tie_word_embeddings:
-        signature = _with_tie_word_embeddings(signature)
-
-    def build(lora_attn_modules: Sequence[LORA_ATTN_MODULES], **kwargs: Any) -> MedusaTransformerDecoder:
-        return component_builder(lora_attn_modules=list(lora_attn_modules), **size_kwargs, **kwargs)
-
-    return _make_preset(
-        name,
-        signature,
-        build,
-        f"{description} with LoRA and Medusa heads.\n\nThe heads are plain trainable modules, not LoRA.",
-    )
+def medusa_llama3_2_3b(**kwargs: Any) -> MedusaTransformerDecoder:
+    """Llama 3.2 3B (tied output) with Medusa heads (arguments as :func:`medusa_llama3_2_1b`)."""
+    return medusa_llama3_2(**_LLAMA3_2_3B, **kwargs)
 
 
-def _qlora_medusa_preset(lora_preset: Callable[..., MedusaTransformerDecoder], description: str) -> partial:
-    """``functools.partial(lora_preset, quantize_base=True)``, documented."""
-    qlora_preset = partial(lora_preset, quantize_base=True)
-    qlora_preset.__doc__ = (
-        f"{description} with QLoRA and Medusa heads\n(NF4 base weights in the transformer layers).\n"
-        f"Same arguments as :func:`{lora_preset.__name__}`, with ``quantize_base=True``.\n"
-    )
-    return qlora_preset
+def medusa_smollm2_135m(**medusa_kwargs: Any) -> MedusaTransformerDecoder:
+    """SmolLM2-135M(-Instruct) (tied output) with Medusa heads (arguments as :func:`medusa_llama3_1_8b`)."""
+    return medusa_smollm2(**SMOLLM2_135M_ARGS, **medusa_kwargs)
 
 
-def _presets(
-    size: str,
-    component_builder: Callable[..., MedusaTransformerDecoder],
-    lora_component_builder: Callable[..., MedusaTransformerDecoder],
-    size_kwargs: Dict[str, Any],
-    description: str,
-    *,
-    tie_word_embeddings: bool = False,
-) -> Tuple[Callable[..., MedusaTransformerDecoder], Callable[..., MedusaTransformerDecoder], partial]:
-    """The presets ``medusa_<size>``, ``lora_medusa_<size>`` and ``qlora_medusa_<size>`` of one model size."""
-    medusa = _medusa_preset(
-        f"medusa_{size}", component_builder, size_kwargs, description, tie_word_embeddings=tie_word_embeddings
-    )
-    lora = _lora_medusa_preset(
-        f"lora_medusa_{size}", lora_component_builder, size_kwargs, description, tie_word_embeddings=tie_word_embeddings
-    )
-    return medusa, lora, _qlora_medusa_preset(lora, description)
+def lora_medusa_llama3_1_8b(
+    lora_attn_modules: Sequence[LORA_ATTN_MODULES] = DEFAULT_LORA_ATTN_MODULES, **kwargs: Any
+) -> MedusaTransformerDecoder:
+    """Llama 3.1 8B with LoRA and Medusa heads. ``kwargs``: the LoRA arguments (rank 8, alpha 16 unless given)
+    and the Medusa arguments of :func:`~torchtune_medusa.models.lora_medusa_llama3_1`. The heads are plain
+    trainable modules, not LoRA."""
+    return lora_medusa_llama3_1(**_LLAMA3_1_8B, **_lora_kwargs(lora_attn_modules, kwargs))
 
 
-medusa_llama3_1_8b, lora_medusa_llama3_1_8b, qlora_medusa_llama3_1_8b = _presets(
-    "llama3_1_8b", medusa_llama3_1, lora_medusa_llama3_1, _LLAMA3_1_8B, "Llama 3.1 8B"
-)
-medusa_llama3_1_70b, lora_medusa_llama3_1_70b, qlora_medusa_llama3_1_70b = _presets(
-    "llama3_1_70b", medusa_llama3_1, lora_medusa_llama3_1, _LLAMA3_1_70B, "Llama 3.1 70B"
-)
-medusa_llama3_1_405b, lora_medusa_llama3_1_405b, qlora_medusa_llama3_1_405b = _presets(
-    "llama3_1_405b", medusa_llama3_1, lora_medusa_llama3_1, _LLAMA3_1_405B, "Llama 3.1 405B"
-)
-medusa_llama3_2_1b, lora_medusa_llama3_2_1b, qlora_medusa_llama3_2_1b = _presets(
-    "llama3_2_1b",
-    medusa_llama3_2,
-    lora_medusa_llama3_2,
-    _LLAMA3_2_1B,
-    "Llama 3.2 1B (tied output)",
-    tie_word_embeddings=True,
-)
-medusa_llama3_2_3b, lora_medusa_llama3_2_3b, qlora_medusa_llama3_2_3b = _presets(
-    "llama3_2_3b",
-    medusa_llama3_2,
-    lora_medusa_llama3_2,
-    _LLAMA3_2_3B,
-    "Llama 3.2 3B (tied output)",
-    tie_word_embeddings=True,
-)
-medusa_llama3_3_70b, lora_medusa_llama3_3_70b, qlora_medusa_llama3_3_70b = _presets(
-    "llama3_3_70b",
-    medusa_llama3_1,
-    lora_medusa_llama3_1,
-    _LLAMA3_1_70B,
-    "Llama 3.3 70B (the Llama 3.1 70B architecture)",
-)
-medusa_smollm2_135m, lora_medusa_smollm2_135m, qlora_medusa_smollm2_135m = _presets(
-    "smollm2_135m", medusa_smollm2, lora_medusa_smollm2, SMOLLM2_135M_ARGS, "SmolLM2-135M(-Instruct) (tied output)"
-)
+def lora_medusa_llama3_1_70b(
+    lora_attn_modules: Sequence[LORA_ATTN_MODULES] = DEFAULT_LORA_ATTN_MODULES, **kwargs: Any
+) -> MedusaTransformerDecoder:
+    """Llama 3.1 70B with LoRA and Medusa heads (arguments as :func:`lora_medusa_llama3_1_8b`)."""
+    return lora_medusa_llama3_1(**_LLAMA3_1_70B, **_lora_kwargs(lora_attn_modules, kwargs))
+
+
+def lora_medusa_llama3_1_405b(
+    lora_attn_modules: Sequence[LORA_ATTN_MODULES] = DEFAULT_LORA_ATTN_MODULES, **kwargs: Any
+) -> MedusaTransformerDecoder:
+    """Llama 3.1 405B with LoRA and Medusa heads (arguments as :func:`lora_medusa_llama3_1_8b`)."""
+    return lora_medusa_llama3_1(**_LLAMA3_1_405B, **_lora_kwargs(lora_attn_modules, kwargs))
+
+
+def lora_medusa_llama3_2_1b(
+    lora_attn_modules: Sequence[LORA_ATTN_MODULES] = DEFAULT_LORA_ATTN_MODULES, **kwargs: Any
+) -> MedusaTransformerDecoder:
+    """Llama 3.2 1B (tied output) with LoRA and Medusa heads (arguments as :func:`lora_medusa_llama3_1_8b`,
+    plus ``tie_word_embeddings``)."""
+    return lora_medusa_llama3_2(**_LLAMA3_2_1B, **_lora_kwargs(lora_attn_modules, kwargs))
+
+
+def lora_medusa_llama3_2_3b(
+    lora_attn_modules: Sequence[LORA_ATTN_MODULES] = DEFAULT_LORA_ATTN_MODULES, **kwargs: Any
+) -> MedusaTransformerDecoder:
+    """Llama 3.2 3B (tied output) with LoRA and Medusa heads (arguments as :func:`lora_medusa_llama3_2_1b`)."""
+    return lora_medusa_llama3_2(**_LLAMA3_2_3B, **_lora_kwargs(lora_attn_modules, kwargs))
+
+
+def lora_medusa_smollm2_135m(
+    lora_attn_modules: Sequence[LORA_ATTN_MODULES] = DEFAULT_LORA_ATTN_MODULES, **kwargs: Any
+) -> MedusaTransformerDecoder:
+    """SmolLM2-135M(-Instruct) (tied output) with LoRA and Medusa heads (arguments as
+    :func:`lora_medusa_llama3_1_8b`)."""
+    return lora_medusa_smollm2(**SMOLLM2_135M_ARGS, **_lora_kwargs(lora_attn_modules, kwargs))
+
+
+# Llama 3.3 70B is the Llama 3.1 70B architecture, as in torchtune.
+medusa_llama3_3_70b = medusa_llama3_1_70b
+lora_medusa_llama3_3_70b = lora_medusa_llama3_1_70b
+
+# QLoRA: NF4 base weights in the transformer layers, as torchtune's qlora presets.
+qlora_medusa_llama3_1_8b = partial(lora_medusa_llama3_1_8b, quantize_base=True)
+qlora_medusa_llama3_1_70b = partial(lora_medusa_llama3_1_70b, quantize_base=True)
+qlora_medusa_llama3_1_405b = partial(lora_medusa_llama3_1_405b, quantize_base=True)
+qlora_medusa_llama3_2_1b = partial(lora_medusa_llama3_2_1b, quantize_base=True)
+qlora_medusa_llama3_2_3b = partial(lora_medusa_llama3_2_3b, quantize_base=True)
+qlora_medusa_llama3_3_70b = partial(lora_medusa_llama3_3_70b, quantize_base=True)
+qlora_medusa_smollm2_135m = partial(lora_medusa_smollm2_135m, quantize_base=True)
 
 __all__ = [
     "DEFAULT_LORA_ATTN_MODULES",

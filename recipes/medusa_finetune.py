@@ -44,6 +44,8 @@ from torchtune.training import PROFILER_KEY
 from tqdm import tqdm
 
 from torchtune_medusa._config import register_resolvers
+from torchtune_medusa.generation import calibrate_tree as calibrate_tree_for_speed
+from torchtune_medusa.generation import measure_step_cost
 from torchtune_medusa.modules.loss import medusa_loss_metrics, MedusaSelfDistillationLoss
 from torchtune_medusa.training._recipe_utils import (
     atomic_directory,
@@ -87,6 +89,9 @@ _LORA_MODEL_KEYS = (
 )
 
 
+TREE_COSTS = ("none", "measured")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Config errors that must surface before any heavy work (model build, checkpoint load, tokenisation).
 
@@ -123,6 +128,11 @@ def check_config(cfg: DictConfig) -> None:
     # data files
     datasets = list(cfg.dataset) if isinstance(cfg.dataset, ListConfig) else [cfg.dataset]
     val = cfg.get("validation", None)
+    if val is not None and val.get("tree_cost", "none") not in TREE_COSTS:
+        raise ValueError(
+            f"validation.tree_cost={val.tree_cost!r}; choose 'none' (grow calibrate_tree_nodes nodes by expected "
+            "accepted tokens) or 'measured' (time tree steps here and keep the size with the most tokens/s)"
+        )
     if val is not None and val.get("dataset", None) is not None:
         datasets.append(val.dataset)
     for ds in datasets:
@@ -755,7 +765,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             metrics.update(res["metrics"])
             agreement = res["agreement"]
         num_nodes = self._val_cfg.get("calibrate_tree_nodes", None)
-        if agreement is not None and num_nodes:
+        measure_cost = self._val_cfg.get("tree_cost", "none") == "measured"
+        if agreement is not None and num_nodes and not measure_cost:
             tree = calibrate_tree(agreement, int(num_nodes))
             if tree:
                 self._calibrated_tree = tree
@@ -763,10 +774,13 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         # the same decision on every rank: under FSDP the unsharded copy is gathered collectively
         if int(self._val_cfg.get("num_prompts", 0)) > 0:
             decode_model = self._unsharded_model_for_decoding()
+            if self._is_rank_zero and agreement is not None and num_nodes and measure_cost:
+                self._calibrated_tree = self._calibrate_tree_for_speed(decode_model, agreement, int(num_nodes))
             if self._is_rank_zero and self._val_prompts:
                 choices = self._medusa_choices
-                if self._val_cfg.get("decode_with_calibrated_tree", True) and getattr(self, "_calibrated_tree", None):
-                    choices = self._calibrated_tree
+                calibrated = getattr(self, "_calibrated_tree", None)
+                if self._val_cfg.get("decode_with_calibrated_tree", True) and calibrated is not None:
+                    choices = calibrated
                 metrics.update(
                     evaluate_decoding(
                         decode_model,
@@ -794,6 +808,20 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         self._last_val_metrics = metrics
         self._last_agreement = agreement
         return metrics
+
+    def _calibrate_tree_for_speed(self, model: nn.Module, agreement, max_nodes: int) -> List[List[int]]:
+        """The tree with the most expected tokens per second on this machine: the measured agreement table and
+        the measured cost of T-token tree steps (possibly the empty tree, when plain decoding is faster)."""
+        sizes = sorted({1, 2, 4, 8, 16, 32, 64, max_nodes + 1} & set(range(1, max_nodes + 2)))
+        step_cost = measure_step_cost(model, sizes, context_len=int(self._val_cfg.get("max_prompt_len", 128)),
+                                      repeats=3)
+        best = calibrate_tree_for_speed(agreement, step_cost, max_nodes=max_nodes)
+        cost_ms = {t: round(c * 1e3, 2) for t, c in step_cost.items()}
+        log.info(
+            f"Tree calibrated on measured step costs: {len(best.medusa_choices)} nodes, expected tau "
+            f"{best.expected_tokens_per_step:.2f}, step cost (ms) by tree tokens {cost_ms}"
+        )
+        return best.medusa_choices
 
     def _unsharded_model_for_decoding(self) -> Optional[nn.Module]:
         """The model itself when unsharded; under FSDP, rank 0 gets an unsharded copy built from the gathered
@@ -961,7 +989,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             "train": {k: v for k, v in last_train_metrics.items()},
             "validation": {k: v for k, v in final_val.items() if isinstance(v, (int, float, str))},
         }
-        if getattr(self, "_calibrated_tree", None):
+        if getattr(self, "_calibrated_tree", None) is not None:
             self._final_metrics["medusa_choices"] = self._calibrated_tree
         if self._last_agreement is not None:
             self._final_metrics["agreement_table"] = self._last_agreement
@@ -1002,7 +1030,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                         os.replace(f, Path(tmp) / f.name)
                     written.rmdir()
                 tree = getattr(self, "_calibrated_tree", None)
-                if tree:
+                if tree is not None:  # an empty tree says plain decoding is fastest
                     write_json_atomic(Path(tmp) / "medusa_choices.json", {"medusa_choices": tree})
                 if self._cfg.get("export_vllm", False):
                     self._export_vllm(sd, Path(tmp) / "vllm_medusa")

@@ -357,6 +357,35 @@ def test_validation_reports_tau_and_tree(assets, tmp_path):
     assert "val/tau" in read_log(out)
 
 
+def test_validation_calibrates_tree_on_measured_step_cost(assets, tmp_path):
+    """tree_cost=measured: the saved tree is the best tokens/s size (at most calibrate_tree_nodes, maybe empty),
+    and validation decodes with it."""
+    out = tmp_path / "val_cost"
+    cfg = make_cfg(
+        assets,
+        out,
+        epochs=1,
+        max_steps_per_epoch=2,
+        validation={
+            "dataset": {
+                "_component_": "torchtune_medusa.data.medusa_chat_dataset",
+                "data_files": str(assets["heldout"]),
+                "max_seq_len": 96,
+            },
+            "num_prompts": 2,
+            "max_new_tokens": 8,
+            "max_prompt_len": 64,
+            "calibrate_tree_nodes": 6,
+            "tree_cost": "measured",
+        },
+    )
+    run_recipe(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    tree = json.loads((out / "epoch_0" / "medusa_choices.json").read_text())["medusa_choices"]
+    assert tree == metrics["medusa_choices"] and len(tree) <= 6
+    assert metrics["validation"]["val/tree_nodes"] == len(tree)
+
+
 def test_validation_tau_is_one_when_heads_always_miss(assets):
     """Heads forced to always propose a token the base model never picks: real decoding accepts nothing."""
     from torchtune_medusa.models import medusa_smollm2
@@ -390,6 +419,7 @@ def test_validation_tau_is_one_when_heads_always_miss(assets):
         ({"checkpointer.medusa_num_heads": 5}, ValueError, "must agree"),
         ({"medusa_version": 3}, ValueError, "medusa_version"),
         ({"medusa_version": 2}, ValueError, "has no LoRA"),
+        ({"validation": {"tree_cost": "guessed"}}, ValueError, "tree_cost='guessed'"),
     ],
 )
 def test_bad_config_fails_before_heavy_work(assets, tmp_path, overrides, error, match):

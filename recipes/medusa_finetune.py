@@ -44,8 +44,7 @@ from torchtune.training import PROFILER_KEY
 from tqdm import tqdm
 
 from torchtune_medusa._config import register_resolvers
-from torchtune_medusa.generation import calibrate_tree as calibrate_tree_for_speed
-from torchtune_medusa.generation import measure_step_cost
+from torchtune_medusa.generation import calibrate_tree, measure_step_cost
 from torchtune_medusa.modules.loss import medusa_loss_metrics, MedusaSelfDistillationLoss
 from torchtune_medusa.training._recipe_utils import (
     atomic_directory,
@@ -67,10 +66,10 @@ from torchtune_medusa.training._recipe_utils import (
     write_json_atomic,
 )
 from torchtune_medusa.training._validation import (
-    calibrate_tree,
     evaluate_decoding,
     evaluate_heads,
     prompts_from_dataset,
+    tree_of_size,
 )
 
 register_resolvers()
@@ -767,7 +766,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         num_nodes = self._val_cfg.get("calibrate_tree_nodes", None)
         measure_cost = self._val_cfg.get("tree_cost", "none") == "measured"
         if agreement is not None and num_nodes and not measure_cost:
-            tree = calibrate_tree(agreement, int(num_nodes))
+            tree = tree_of_size(agreement, int(num_nodes))
             if tree:
                 self._calibrated_tree = tree
         # real tree decoding on rank 0 with an unsharded model
@@ -815,7 +814,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         sizes = sorted({1, 2, 4, 8, 16, 32, 64, max_nodes + 1} & set(range(1, max_nodes + 2)))
         step_cost = measure_step_cost(model, sizes, context_len=int(self._val_cfg.get("max_prompt_len", 128)),
                                       repeats=3)
-        best = calibrate_tree_for_speed(agreement, step_cost, max_nodes=max_nodes)
+        best = calibrate_tree(agreement, step_cost, max_nodes=max_nodes)
         cost_ms = {t: round(c * 1e3, 2) for t, c in step_cost.items()}
         log.info(
             f"Tree calibrated on measured step costs: {len(best.medusa_choices)} nodes, expected tau "

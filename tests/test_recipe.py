@@ -16,17 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
-from torchtune.models.convert_weights import tune_to_hf
+from safetensors.torch import load_file
 
-from tests.data_common import conv, write_jsonl, write_tiny_tokenizer
+from tests.common import TINY_CHAT_ARGS, write_tiny_hf_checkpoint
+from tests.data_common import conv, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "medusa_finetune.py"
 
-TINY_ARGS = dict(
-    vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128, max_seq_len=256
-)
+TINY_ARGS = TINY_CHAT_ARGS
 
 
 def _load_recipe_module():
@@ -52,32 +50,8 @@ def _toy_rows(n: int, offset: int = 0):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """tiny HF checkpoint (random smollm2-style, tied output) + tokenizer + train/held-out chat files."""
-    from torchtune_medusa.models import smollm2
-
     root = tmp_path_factory.mktemp("medusa_recipe")
-    hf = root / "hf"
-    write_tiny_tokenizer(hf)
-    torch.manual_seed(0)
-    base = smollm2(**TINY_ARGS, rope_base=10_000)
-    sd = {k: v.contiguous() for k, v in base.state_dict().items()}
-    hf_sd = tune_to_hf(sd, num_heads=4, num_kv_heads=2, dim=64)
-    save_file(hf_sd, str(hf / "model.safetensors"))
-    (hf / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "hidden_size": 64,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "num_hidden_layers": 2,
-                "intermediate_size": 128,
-                "vocab_size": 512,
-                "tie_word_embeddings": True,
-                "rope_theta": 10000.0,
-            }
-        )
-    )
+    hf = write_tiny_hf_checkpoint(root / "hf")
     train = write_jsonl(root / "train.jsonl", _toy_rows(32))
     heldout = write_jsonl(root / "heldout.jsonl", _toy_rows(8, offset=3))
     return {"root": root, "hf": hf, "train": train, "heldout": heldout}

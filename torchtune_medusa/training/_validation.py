@@ -16,7 +16,7 @@ Two measurements, both on held-out data:
    (:func:`torchtune_medusa.generation.medusa_generate`, greedy) on held-out prompts, reporting tau (mean tokens
    per step, bonus token included) and per-head acceptance.
 
-:func:`calibrate_tree` turns the agreement table into the best prefix-closed tree of a given size
+:func:`tree_of_size` turns the agreement table into the best prefix-closed tree of a given size
 (:func:`torchtune_medusa.generation.grow_tree`).
 """
 
@@ -29,7 +29,7 @@ from torch import nn
 
 from torchtune_medusa.generation import grow_tree, medusa_generate
 
-__all__ = ["calibrate_tree", "evaluate_decoding", "evaluate_heads", "prompts_from_dataset"]
+__all__ = ["tree_of_size", "evaluate_decoding", "evaluate_heads", "prompts_from_dataset"]
 
 
 @torch.no_grad()
@@ -193,7 +193,7 @@ def evaluate_decoding(
     return metrics
 
 
-def calibrate_tree(agreement: Sequence[Sequence[float]], num_nodes: int) -> List[List[int]]:
+def tree_of_size(agreement: Sequence[Sequence[float]], num_nodes: int) -> List[List[int]]:
     """The most valuable prefix-closed tree of ``num_nodes`` nodes for the measured agreement table
     (node value = product of the agreements along its path), as ``medusa_choices`` rank paths."""
     return [list(path) for path, _ in grow_tree(agreement, num_nodes)]

@@ -105,12 +105,12 @@ LAYOUTS = [dict(own_projection=True), dict(own_projection=False), dict(own_proje
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["own", "shared", "shared_tied"])
 @pytest.mark.parametrize("include_base_loss", [True, False])
-@pytest.mark.parametrize("num_output_chunks", [1, 5, 64])
-def test_ce_matches_naive(layout, include_base_loss, num_output_chunks):
+@pytest.mark.parametrize("num_output_chunks,recompute", [(1, True), (5, True), (64, True), (5, False)])
+def test_ce_matches_naive(layout, include_base_loss, num_output_chunks, recompute):
     model = tiny_medusa(num_heads=3, **layout)
     tokens, labels = make_batch()
     loss_fn = MedusaCrossEntropyLoss(
-        num_output_chunks=num_output_chunks, include_base_loss=include_base_loss, topk=TOPK
+        num_output_chunks=num_output_chunks, include_base_loss=include_base_loss, topk=TOPK, recompute=recompute
     )
     weights = expected_weights(loss_fn, 3)
     ref, ref_grads, ours, our_grads = run_both(
@@ -266,6 +266,34 @@ def test_only_one_chunk_of_logits_at_a_time():
     assert 0 < mode.rows <= b * s // chunks
 
 
+def test_ignored_positions_are_never_projected():
+    """Prompt and padding rows (label ignored) cost no projection: every vocabulary-sized tensor, forward and
+    backward, has at most as many rows as one head has scored positions."""
+
+    class VocabRows(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                weight_t = t.dim() == 2 and t.size(0) == model.tok_embeddings.embedding_dim
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.size(-1) == V and not weight_t:
+                    self.rows = max(self.rows, t.numel() // V)
+            return out
+
+    model = tiny_medusa(num_heads=2, own_projection=False)
+    model.set_return_hidden(True)
+    tokens, labels = make_batch(b=2, s=64)
+    labels[:, :-5] = -100  # at most 5 scored positions per row
+    hidden = model(tokens).detach().requires_grad_()
+    with VocabRows() as mode:
+        out = MedusaCrossEntropyLoss(num_output_chunks=1, recompute=False)(hidden, labels, model)
+        out.loss.backward()
+    scored = [int((labels[:, k:] != -100).sum()) for k in range(3)]  # head k: labels k positions later
+    assert out.head_counts.tolist() == scored and scored[0] > 0
+    assert 0 < mode.rows <= scored[0]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Self-distillation
 
@@ -301,14 +329,14 @@ def naive_self_distillation(model, teacher, tokens, labels, weights, head_target
 
 
 @pytest.mark.parametrize("head_target", ["labels", "teacher_argmax", "teacher_distribution"])
-@pytest.mark.parametrize("own_projection", [True, False])
-def test_self_distillation_matches_naive(head_target, own_projection):
+@pytest.mark.parametrize("own_projection,recompute", [(True, True), (False, True), (False, False)])
+def test_self_distillation_matches_naive(head_target, own_projection, recompute):
     model = tiny_medusa(num_heads=3, own_projection=own_projection, seed=0)
     teacher = tiny_medusa(num_heads=3, own_projection=own_projection, seed=1)  # stands in for adapters-off
     for p in teacher.parameters():
         p.requires_grad_(False)
     tokens, labels = make_batch(seed=6)
-    loss_fn = MedusaSelfDistillationLoss(head_target=head_target, num_output_chunks=4, topk=TOPK)
+    loss_fn = MedusaSelfDistillationLoss(head_target=head_target, num_output_chunks=4, topk=TOPK, recompute=recompute)
     weights = expected_weights(loss_fn, 3)
     teacher.set_return_hidden(True)
     with torch.no_grad():

@@ -102,3 +102,28 @@ def test_measure_step_cost_and_calibrate_end_to_end(tmp_path):
     out = medusa_generate(model, [p], max_new_tokens=12, medusa_choices=str(tmp_path / "medusa_choices.json"))
     assert out.tokens[0] == generate(model, [p], max_new_tokens=12).tokens[0]
     assert out.stats.tree_size == len(choices) + 1
+
+
+def test_head_accuracies_score_only_from_the_given_position():
+    model, data = train_tiny_heads()
+    seqs = data.tolist()[:3]
+    first = [5, 9, 0]
+    assert torch.equal(
+        measure_head_accuracies(model, seqs, topk=3, score_from=[0, 0, 0]), measure_head_accuracies(model, seqs, topk=3)
+    )
+    acc = measure_head_accuracies(model, seqs, topk=3, score_from=first)
+    # Independent count: head k's top-1 over the targets at index >= first (head k at t predicts t + k + 1).
+    model.set_return_hidden(True)
+    with torch.no_grad():
+        for k in (1, 2):
+            hits = total = 0
+            for seq, f in zip(seqs, first):
+                h = model(torch.tensor([seq]))[0]
+                for t in range(len(seq) - k - 1):
+                    if t + k + 1 >= f:
+                        total += 1
+                        hits += int(model.project(h[t], k).argmax()) == seq[t + k + 1]
+            assert acc[k - 1, 0].item() == pytest.approx(hits / total)
+    model.set_return_hidden(False)
+    with pytest.raises(ValueError, match="score_from"):
+        measure_head_accuracies(model, seqs, score_from=[0])

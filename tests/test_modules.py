@@ -209,3 +209,21 @@ def test_fsdp2_shards_each_head():
             torch.testing.assert_close(grads[n], p.grad, msg=n)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("own_projection", [True, False])
+def test_medusa_logits_of_the_first_heads_match_project(own_projection):
+    """Shared-projection heads are projected in one matmul; the result is each head's own projection."""
+    model = tiny_medusa(num_heads=3, own_projection=own_projection).eval()
+    with torch.no_grad():
+        for p in model.medusa_heads.parameters():
+            p.normal_(0, 0.1)
+        hidden = torch.randn(5, model.tok_embeddings.embedding_dim)
+        for n in (0, 2, 3):
+            got = model.medusa_logits(hidden, n)
+            assert got.shape == ((n, 5, TINY["vocab_size"]) if n else (0, 5, 0)) and got.dtype == torch.float32
+            for k in range(1, n + 1):
+                torch.testing.assert_close(got[k - 1], model.project(hidden, k).float(), atol=1e-5, rtol=1e-5)
+        assert torch.equal(model.medusa_logits(hidden), model.medusa_logits(hidden, 3))
+    with pytest.raises(IndexError, match="num_heads must be in 0..3"):
+        model.medusa_logits(hidden, 4)

@@ -46,6 +46,7 @@ def measure_head_accuracies(
     *,
     topk: int = 10,
     num_heads: Optional[int] = None,
+    score_from: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Teacher-forced top-k accuracy of every Medusa head over held-out token sequences.
 
@@ -59,6 +60,8 @@ def measure_head_accuracies(
         sequences (Sequence[Sequence[int]]): token sequences; each is run alone (no padding).
         topk (int): ranks to count. Default 10.
         num_heads (Optional[int]): measure only the first heads. Default all.
+        score_from (Optional[Sequence[int]]): per sequence, the index of the first target token to score (the
+            prompt length, so that only the generated continuation counts). Default 0: every position.
 
     Returns:
         torch.Tensor: ``[K, topk]`` float64, ``acc[k, r]`` = hits at rank r / positions for head k+1.
@@ -69,20 +72,25 @@ def measure_head_accuracies(
     prev = getattr(model, "return_hidden", False)
     device = next(model.parameters()).device
     model.set_return_hidden(True)
+    if score_from is not None and len(score_from) != len(sequences):
+        raise ValueError(f"score_from has {len(score_from)} entries for {len(sequences)} sequences")
     try:
-        for seq in sequences:
+        for i, seq in enumerate(sequences):
             tokens = torch.as_tensor(list(seq), device=device)[None]
             s = tokens.shape[1]
             h = model(tokens)[0]  # [s, d]
+            first = max(int(score_from[i]) if score_from is not None else 0, 0)
             for k in range(1, k_total + 1):
-                if s <= k + 1:
+                # head k at position t predicts target t + k + 1; score targets first..s-1
+                start = max(first - k - 1, 0)
+                if s <= start + k + 1:
                     continue
-                logits = model.project(h[: s - k - 1], k).float()  # [s-k-1, v]
-                target = tokens[0, k + 1 :]
-                rank = (logits > logits.gather(-1, target[:, None])).sum(-1)  # [s-k-1]
+                logits = model.project(h[start : s - k - 1], k).float()  # [n, v]
+                target = tokens[0, start + k + 1 :]
+                rank = (logits > logits.gather(-1, target[:, None])).sum(-1)  # [n]
                 rank = rank[rank < topk].cpu()
                 hits[k - 1] += torch.bincount(rank, minlength=topk).double()
-                counts[k - 1] += s - k - 1
+                counts[k - 1] += target.numel()
     finally:
         model.set_return_hidden(prev)
     return hits / counts.clamp(min=1)[:, None]
@@ -153,8 +161,8 @@ def measure_step_cost(
                         torch.cuda.synchronize(device)
                     t0 = time.perf_counter()
                     if medusa:
-                        for k in range(1, min(model.num_medusa_heads, t - 1) + 1):
-                            torch.topk(model.project(last, k), 10)
+                        if t > 1:
+                            torch.topk(model.medusa_logits(last, min(model.num_medusa_heads, t - 1)), 10)
                         hid = model(toks, mask=mask, input_pos=pos)
                         model.project(hid[0], 0).argmax(-1).tolist()
                     else:

@@ -280,7 +280,7 @@ def _head_candidates(model: nn.Module, hidden: torch.Tensor, depth: int, topk: i
     """Top-k token ids of heads ``1..depth`` at one position: ``[depth * topk]``. hidden: ``[d]``."""
     if depth == 0:
         return hidden.new_empty(0, dtype=torch.long)
-    return torch.cat([torch.topk(model.project(hidden, k), topk, dim=-1).indices for k in range(1, depth + 1)])
+    return torch.topk(model.medusa_logits(hidden, depth), topk, dim=-1).indices.flatten()
 
 
 def _tree_mask(tree: TreeBuffers, length: int, cache_len: int, device) -> torch.Tensor:

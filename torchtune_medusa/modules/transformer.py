@@ -126,18 +126,32 @@ class MedusaTransformerDecoder(TransformerDecoder):
         out = medusa_head(hidden)
         return out if medusa_head.projection is not None else self.output(out)
 
-    def medusa_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of every Medusa head from a normed hidden state.
+    def medusa_logits(self, hidden: torch.Tensor, num_heads: Optional[int] = None) -> torch.Tensor:
+        """Logits of the first ``num_heads`` Medusa heads from a normed hidden state.
+
+        Heads that share the backbone's output layer are projected together in one matmul, so the ``[v, d]``
+        output weight is read once for all of them (on a memory-bound CPU or a batch-1 GPU step that read is
+        what a projection costs).
 
         Args:
             hidden (torch.Tensor): normed final hidden state, shape ``[..., d]``.
+            num_heads (Optional[int]): heads ``1..num_heads``; all K when None.
 
         Returns:
-            torch.Tensor: fp32 logits with shape ``[k, ..., v]``; ``k == 0`` gives an empty tensor.
+            torch.Tensor: fp32 logits with shape ``[num_heads, ..., v]``; zero heads give an empty tensor.
+
+        Raises:
+            IndexError: if ``num_heads`` is not in ``0..K``.
         """
-        if not len(self.medusa_heads):
+        n = len(self.medusa_heads) if num_heads is None else int(num_heads)
+        if not 0 <= n <= len(self.medusa_heads):
+            raise IndexError(f"num_heads must be in 0..{len(self.medusa_heads)}, got {num_heads}")
+        if n == 0:
             return torch.empty(0, *hidden.shape[:-1], 0, device=hidden.device, dtype=torch.float32)
-        return torch.stack([self.project(hidden, k).float() for k in range(1, len(self.medusa_heads) + 1)])
+        heads = self.medusa_heads[:n]
+        if all(head.projection is None for head in heads):
+            return self.output(torch.stack([head(hidden) for head in heads])).float()
+        return torch.stack([self.project(hidden, k).float() for k in range(1, n + 1)])
 
     def unembed(self, h: torch.Tensor) -> Union[torch.Tensor, MedusaOutput]:
         # shape: [b, s, d]

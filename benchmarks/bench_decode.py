@@ -48,6 +48,7 @@ from torchtune_medusa.generation import (
     evict_to_path,
     generate,
     kv_caches,
+    load_tree,
     measure_head_accuracies,
     measure_step_cost,
     medusa_generate,
@@ -163,6 +164,40 @@ def _load_hf(checkpoint_dir: Path, heads_dir, builder: str, model_type: str, num
     return model.eval(), tokenizer
 
 
+def _final_epoch(path: Path) -> Path:
+    """``path`` itself when it holds model weights, else the last ``epoch_N`` of a ``medusa_finetune`` output dir."""
+    if not path.is_dir():
+        raise SystemExit(f"--checkpoint {path}: no such directory")
+    if any(path.glob("*.safetensors")):
+        return path
+    epochs = sorted(path.glob("epoch_*"), key=lambda p: int(p.name.split("_")[-1]) if p.name[6:].isdigit() else -1)
+    if not epochs:
+        raise SystemExit(f"--checkpoint {path}: neither model weights nor epoch_N folders of a training run in it")
+    return epochs[-1]
+
+
+def chat_prompts(tokenizer_dir: Path, prompt_file: str, n: int, skip: int = 0, max_len: int = 384):
+    """Token ids of the first user turns of a ShareGPT file (rows ``skip..``), in SmolLM2's chat template, as
+    ``python -m torchtune_medusa.data.self_distill`` builds them; prompts longer than ``max_len`` are passed over."""
+    from torchtune.data import Message
+
+    from torchtune_medusa.data import smollm2_tokenizer
+    from torchtune_medusa.data._self_distill import load_prompts
+
+    tok = smollm2_tokenizer(str(tokenizer_dir))
+    out = []
+    for p in load_prompts(prompt_file)[skip:]:
+        messages = [Message("system", p.system)] if p.system is not None else []
+        ids = tok.prompt_tokens(messages + [Message("user", p.user_turns[0])])
+        if len(ids) <= max_len:
+            out.append(ids)
+        if len(out) == n:
+            break
+    if len(out) < n:
+        raise SystemExit(f"--prompt-file {prompt_file}: only {len(out)} prompts of <= {max_len} tokens, {n} wanted")
+    return out, list(tok.stop_tokens)
+
+
 def load_model(args):
     if args.model == "tiny":
         return _tiny_model(args.num_heads)
@@ -177,7 +212,11 @@ def load_model(args):
     if args.model == "checkpoint":
         if not args.checkpoint:
             raise SystemExit("--model checkpoint needs --checkpoint DIR")
-        return _load_hf(Path(args.checkpoint), args.heads, args.builder, args.model_type, args.num_heads)
+        ckpt = _final_epoch(Path(args.checkpoint))
+        if args.medusa_choices is None and (ckpt / "medusa_choices.json").is_file():
+            args.medusa_choices = str(ckpt / "medusa_choices.json")  # the tree training calibrated
+        args.tokenizer_dir = str(ckpt if (ckpt / "tokenizer.json").is_file() else Path(args.checkpoint))
+        return _load_hf(ckpt, args.heads, args.builder, args.model_type, args.num_heads)
     # smollm2
     from torchtune_medusa import assets
 
@@ -188,6 +227,7 @@ def load_model(args):
         _log(f"SmolLM2 asset unavailable ({e}); using a SmolLM2-shaped random model")
         args.model = "smollm2-random"
         return _smollm2_random(args.num_heads)
+    args.tokenizer_dir = str(path)
     return _load_hf(path, args.heads, "medusa_smollm2_135m", "LLAMA3", args.num_heads)
 
 
@@ -201,14 +241,14 @@ def _median(xs):
 def step_cost_and_eviction(model, sizes, context_len, repeats) -> Dict[str, object]:
     cost = measure_step_cost(model, sizes, context_len=context_len, repeats=repeats)
     rel = {t: cost[t] / cost[min(sizes)] for t in sizes}
-    # Eviction: gather a depth-4 path out of a 64-token tree in every layer, then roll back.
+    # Eviction: gather a path of up to 5 nodes spread over the largest tree in every layer, then roll back.
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     t_tree = max(sizes)
     times = []
     with scoped_kv_cache(model, batch_size=1, cache_len=context_len + t_tree, dtype=dtype):
         caches = kv_caches(model)
-        accepted = torch.tensor([0, 1, 11, 40, 60], device=device)
+        accepted = torch.linspace(0, t_tree - 1, min(5, t_tree)).long().unique().to(device)
         for c in caches:
             c.cache_pos.add_(context_len)
         for i in range(repeats * 10 + 5):
@@ -242,12 +282,21 @@ def run(args) -> Dict[str, object]:
     model = model.to(device)
     k = model.num_medusa_heads
     vocab = model.tok_embeddings.num_embeddings
-    if tokenizer is not None:
+    stop = [int(t) for t in args.stop_tokens.split(",") if t] if args.stop_tokens else []
+    calib_prompts = None
+    if args.prompt_file:
+        if tokenizer is None:
+            raise SystemExit("--prompt-file needs a model with a tokenizer.json (smollm2 or an HF checkpoint)")
+        prompts, chat_stop = chat_prompts(
+            args.tokenizer_dir, args.prompt_file, args.num_prompts + args.calibration_prompts, skip=args.prompt_skip
+        )
+        prompts, calib_prompts = prompts[: args.num_prompts], prompts[args.num_prompts :] or None
+        stop = stop or chat_stop
+    elif tokenizer is not None:
         prompts = [tokenizer.encode(t).ids for t in TEXT_PROMPTS[: args.num_prompts]]
     else:
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, vocab, (16,), generator=g).tolist() for _ in range(args.num_prompts)]
-    stop = [int(t) for t in args.stop_tokens.split(",") if t] if args.stop_tokens else []
     _log(
         f"model={args.model} heads={k} vocab={vocab} prompts={len(prompts)} max_new_tokens={args.max_new_tokens} "
         f"threads={torch.get_num_threads()} device={device}"
@@ -267,10 +316,23 @@ def run(args) -> Dict[str, object]:
         f"{100 * sc['eviction_fraction_of_step'][str(max(sizes))]:.2f}% of a T={max(sizes)} step"
     )
 
-    # Calibrated tree from the heads' accuracy on the baseline's own greedy continuations (in-sample for these
-    # prompts; pass held-out data for a deployment tree).
-    acc = measure_head_accuracies(model, [p + o for p, o in zip(prompts, base_outs)], topk=10)
-    calibrated = calibrate_tree(acc, sc["_cost"], max_nodes=args.max_nodes, meta={"model": args.model})
+    # Head accuracies on the baseline's own greedy continuations of the benchmark prompts (what acceptance needs).
+    def accuracies(ps, outs):
+        return measure_head_accuracies(
+            model, [p + o for p, o in zip(ps, outs)], topk=10, score_from=[len(p) for p in ps]
+        )
+
+    acc = accuracies(prompts, base_outs)
+    _log("head top-1 accuracy on the baseline's output: " + ", ".join(f"{a:.3f}" for a in acc[:, 0].tolist()))
+    # The calibrated tree comes from other prompts when there are some (--calibration-prompts), else in-sample.
+    if calib_prompts:
+        calib_outs = [
+            generate(model, [p], max_new_tokens=args.max_new_tokens, stop_tokens=stop).tokens[0] for p in calib_prompts
+        ]
+        calib_acc = accuracies(calib_prompts, calib_outs)
+    else:
+        calib_acc = acc
+    calibrated = calibrate_tree(calib_acc, sc["_cost"], max_nodes=args.max_nodes, meta={"model": args.model})
     save_tree(Path(args.out) / "calibrated_tree.json", calibrated)
     _log(
         f"calibrated tree: {len(calibrated.medusa_choices)} nodes, predicted tau "
@@ -287,6 +349,8 @@ def run(args) -> Dict[str, object]:
         trees[f"mc_sim_7b_63[depth<={k}]"] = [p for p in MC_SIM_7B_63 if len(p) <= k]
     if calibrated.medusa_choices:
         trees["calibrated"] = calibrated.medusa_choices
+    if args.medusa_choices:
+        trees["trained"] = load_tree(args.medusa_choices)[0]  # e.g. the tree medusa_finetune saved
     if args.trees:
         trees = {n: trees[n] for n in args.trees.split(",") if n in trees} or trees
 
@@ -357,7 +421,13 @@ def run(args) -> Dict[str, object]:
             "cpu_count": os.cpu_count(),
             "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         },
+        "prompts": {
+            "source": args.prompt_file or "built-in",
+            "count": len(prompts),
+            "lengths": [len(p) for p in prompts],
+        },
         "head_accuracies_top10": acc.tolist(),
+        "head_top1": acc[:, 0].tolist(),
         "calibrated_tree": calibrated.to_dict(),
         "step_cost": sc,
         **results,
@@ -415,6 +485,21 @@ def main(argv=None) -> int:
     p.add_argument("--model-type", default="LLAMA3", help="torchtune checkpointer model_type for --checkpoint")
     p.add_argument("--num-heads", type=int, default=4, help="heads to create when the checkpoint has none")
     p.add_argument("--num-prompts", type=int, default=3)
+    p.add_argument(
+        "--prompt-file",
+        help="ShareGPT JSON/JSONL (e.g. the held-out split): chat prompts from its first user turns",
+    )
+    p.add_argument("--prompt-skip", type=int, default=0, help="with --prompt-file: pass over its first N prompts")
+    p.add_argument(
+        "--calibration-prompts",
+        type=int,
+        default=0,
+        help="with --prompt-file: calibrate the tree on this many further prompts (default 0: on the benchmark's own)",
+    )
+    p.add_argument(
+        "--medusa-choices",
+        help="also run this tree, as 'trained' (a medusa_choices.json; default: the one saved with --checkpoint)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--trees", default="", help="comma-separated subset of tree names to run")
@@ -437,6 +522,7 @@ def main(argv=None) -> int:
     plot(res, out / "bench_decode.png")
     b = res["baseline"]
     print(f"\nbaseline: {b['tokens_per_second']:.1f} tok/s, TTFT {b['time_to_first_token_s'] * 1e3:.1f} ms")
+    print("head top-1 accuracy on the baseline's output: " + ", ".join(f"{a:.3f}" for a in res["head_top1"]))
     print(f"{'tree':<26}{'T':>4}{'tau':>7}{'tok/s':>9}{'speedup':>9}  per-head acceptance   lossless")
     for n, t in res["trees"].items():
         pha = " ".join(f"{a:.2f}" for a in t["per_head_acceptance"])

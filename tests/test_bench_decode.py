@@ -1,0 +1,70 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+"""benchmarks/bench_decode.py, the benchmark of the README's main job: it runs, checks lossless output, reads
+held-out chat prompts the way self-distillation writes them, and finds the trained tree of a training run."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from torchtune.data import Message
+
+from torchtune_medusa.data import smollm2_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "benchmarks" / "bench_decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_end_to_end_writes_results(bench, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["--model", "tiny", "--num-heads", "3", "--num-prompts", "2", "--max-new-tokens", "12", "--repeats", "1"]
+    argv += ["--step-sizes", "1,4", "--context-len", "16", "--cost-repeats", "1", "--threads", "1"]
+    argv += ["--max-nodes", "8", "--trees", "chain1,calibrated", "--out", str(out)]
+    assert bench.main(argv) == 0
+    res = json.loads((out / "bench_decode.json").read_text())
+    assert (out / "bench_decode.png").stat().st_size > 0
+    assert set(res["trees"]) <= {"chain1", "calibrated"} and "chain1" in res["trees"]
+    for tree in res["trees"].values():
+        assert tree["greedy_output_equals_baseline"] is True
+        assert tree["tau"] >= 1.0 and tree["speedup"] > 0
+    assert len(res["head_top1"]) == 3 and all(0.0 <= a <= 1.0 for a in res["head_top1"])
+    assert res["prompts"] == {"source": "built-in", "count": 2, "lengths": res["prompts"]["lengths"]}
+    printed = capsys.readouterr().out
+    assert "head top-1 accuracy" in printed and "chain1" in printed
+
+
+def test_chat_prompts_match_self_distillation(bench, smollm2_assets):
+    prompts, stop = bench.chat_prompts(smollm2_assets.smollm2_dir, smollm2_assets.sharegpt_heldout, 3, skip=2)
+    tok = smollm2_tokenizer(str(smollm2_assets.smollm2_dir))
+    assert stop == list(tok.stop_tokens)
+    rows = [json.loads(line) for line in Path(smollm2_assets.sharegpt_heldout).read_text().splitlines()[:8]]
+    users = [next(t["value"] for t in r["conversations"] if t["from"] == "human") for r in rows]
+    # The prompts skipped over are the first two; each prompt is the chat template around a first user turn.
+    expected = [tok.prompt_tokens([Message("user", u)]) for u in users]
+    expected = [e for e in expected if len(e) <= 384][2:5]
+    assert prompts == expected
+    with pytest.raises(SystemExit, match="only"):
+        bench.chat_prompts(smollm2_assets.smollm2_dir, smollm2_assets.sharegpt_heldout, 10**6)
+
+
+def test_final_epoch_of_a_training_run(bench, tmp_path):
+    for n in (0, 2, 10):
+        (tmp_path / f"epoch_{n}").mkdir()
+        (tmp_path / f"epoch_{n}" / "model.safetensors").write_bytes(b"")
+    assert bench._final_epoch(tmp_path) == tmp_path / "epoch_10"
+    assert bench._final_epoch(tmp_path / "epoch_2") == tmp_path / "epoch_2"
+    with pytest.raises(SystemExit, match="epoch_N"):
+        bench._final_epoch((tmp_path / "logs").mkdir() or tmp_path / "logs")
+    with pytest.raises(SystemExit, match="no such directory"):
+        bench._final_epoch(tmp_path / "missing")

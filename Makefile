@@ -14,7 +14,7 @@ export TIKTOKEN_CACHE_DIR :=
 
 BIN := $(VENV)/bin
 
-.PHONY: setup assets demo test lint format clean
+.PHONY: setup assets demo demo-quick test lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,15 +27,42 @@ setup: $(VENV)/.installed
 assets: setup
 	$(BIN)/python -m torchtune_medusa.assets prepare
 
+# The main job, end to end on the embedded default (SmolLM2-135M-Instruct, CPU, offline):
+#   1. self-distillation data: SmolLM2 answers DEMO_PROMPTS ShareGPT training prompts (greedy), and
+#      DEMO_VAL_PROMPTS held-out ones for validation (resumable: rerunning continues where it stopped);
+#   2. Medusa-1 heads trained on it (`tune run medusa_finetune`; validation decodes held-out prompts for real and
+#      calibrates the tree on this machine's measured step cost);
+#   3. benchmarks/bench_decode.py on DEMO_BENCH_PROMPTS other held-out prompts: baseline vs Medusa, greedy
+#      outputs checked identical, results table printed and written to DEMO_OUT/bench/.
+# `make demo-quick` is the same pipeline at a size that finishes in minutes.
 DEMO_OUT ?= output/smollm2_135m_medusa
+DEMO_PROMPTS ?= 240
+DEMO_VAL_PROMPTS ?= 16
+DEMO_EPOCHS ?= 4
+DEMO_NEW_TOKENS ?= 128
+DEMO_BENCH_PROMPTS ?= 4
+DEMO_BENCH_REPEATS ?= 3
+DEMO_TREES ?= trained,chain1,topk4-2-1
+DEMO_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
+CACHE = $$($(BIN)/python -m torchtune_medusa.assets path)
+SELF_DISTILL = $(BIN)/python -m torchtune_medusa.data.self_distill --batch-size 16 --max-prompt-len 384 \
+  --max-new-tokens $(DEMO_NEW_TOKENS) --threads $(DEMO_THREADS)
 
-# The embedded default end to end: train Medusa-1 heads on SmolLM2-135M (validation calibrates a tree and measures
-# tau with real tree decoding), then decode held-out ShareGPT prompts with those heads next to the baseline.
 demo: assets
-	$(BIN)/tune run medusa_finetune --config smollm2/135M_medusa output_dir=$(DEMO_OUT)
-	$(BIN)/tune run medusa_generate --config smollm2/135M_generate output_dir=$(DEMO_OUT)/generate \
-	  checkpointer.medusa_checkpoint_dir=$(DEMO_OUT)/epoch_1 medusa_choices=$(DEMO_OUT)/epoch_1/medusa_choices.json \
-	  'prompt_file=$${medusa_cache:}/sharegpt/heldout.jsonl' max_prompts=4 prompts=[] max_new_tokens=96
+	$(SELF_DISTILL) --output $(DEMO_OUT)/data/train.jsonl --limit $(DEMO_PROMPTS)
+	$(SELF_DISTILL) --output $(DEMO_OUT)/data/heldout.jsonl --limit $(DEMO_VAL_PROMPTS) --data $(CACHE)/sharegpt/heldout.jsonl
+	$(BIN)/tune run medusa_finetune --config smollm2/135M_medusa output_dir=$(DEMO_OUT) epochs=$(DEMO_EPOCHS) \
+	  dataset.data_files=$(DEMO_OUT)/data/train.jsonl dataset.split=train dataset.max_seq_len=512 \
+	  tokenizer.max_seq_len=512 validation.dataset.data_files=$(DEMO_OUT)/data/heldout.jsonl \
+	  validation.dataset.max_seq_len=512
+	$(BIN)/python benchmarks/bench_decode.py --model checkpoint --checkpoint $(DEMO_OUT) --threads $(DEMO_THREADS) \
+	  --prompt-file $(CACHE)/sharegpt/heldout.jsonl --prompt-skip $(DEMO_VAL_PROMPTS) --num-prompts $(DEMO_BENCH_PROMPTS) \
+	  --max-new-tokens $(DEMO_NEW_TOKENS) --repeats $(DEMO_BENCH_REPEATS) --trees '$(DEMO_TREES)' \
+	  --step-sizes 1,2,4,8,16 --context-len 256 --out $(DEMO_OUT)/bench
+
+demo-quick:
+	$(MAKE) demo DEMO_OUT=output/smollm2_135m_medusa_quick DEMO_PROMPTS=32 DEMO_VAL_PROMPTS=8 DEMO_EPOCHS=2 \
+	  DEMO_NEW_TOKENS=64 DEMO_BENCH_PROMPTS=2 DEMO_BENCH_REPEATS=1
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

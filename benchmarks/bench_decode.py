@@ -279,7 +279,7 @@ def run(args) -> Dict[str, object]:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, tokenizer = load_model(args)
-    model = model.to(device)
+    model = model.to(device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     k = model.num_medusa_heads
     vocab = model.tok_embeddings.num_embeddings
     stop = [int(t) for t in args.stop_tokens.split(",") if t] if args.stop_tokens else []
@@ -342,7 +342,7 @@ def run(args) -> Dict[str, object]:
     trees: Dict[str, List] = {}
     for d in sorted({1, min(3, k)}):
         trees[f"chain{d}"] = chain(d)
-    trees["topk[4,2,1]" if k >= 3 else "topk[4]"] = topk_per_head_tree([4, 2, 1][: min(3, k)])
+    trees["topk4-2-1" if k >= 3 else "topk4"] = topk_per_head_tree([4, 2, 1][: min(3, k)])
     if k >= 4:
         trees["mc_sim_7b_63"] = MC_SIM_7B_63
     else:
@@ -511,6 +511,9 @@ def main(argv=None) -> int:
     # On a busy or oversubscribed machine --threads 1 can be several times faster than the default.
     p.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 8)))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 on CPU: tree steps cost little more than a 1-token step, but bf16 kernels are not batch-invariant, so
+    # greedy outputs can drift from the baseline's (the lossless column says when they did).
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: as loaded (fp32; llama8b-random bf16)")
     p.add_argument("--out", default="output/bench_decode")
     args = p.parse_args(argv)
     out = Path(args.out)

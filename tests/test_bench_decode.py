@@ -68,3 +68,20 @@ def test_final_epoch_of_a_training_run(bench, tmp_path):
         bench._final_epoch((tmp_path / "logs").mkdir() or tmp_path / "logs")
     with pytest.raises(SystemExit, match="no such directory"):
         bench._final_epoch(tmp_path / "missing")
+
+
+def test_a_lossy_tree_fails_the_benchmark(bench, tmp_path, monkeypatch, capsys):
+    real = bench.medusa_generate
+
+    def corrupted(*args, **kwargs):  # a decoder bug: one wrong token
+        out = real(*args, **kwargs)
+        if out.tokens[0]:
+            out.tokens[0][-1] = (out.tokens[0][-1] + 1) % 128
+        return out
+
+    monkeypatch.setattr(bench, "medusa_generate", corrupted)
+    argv = ["--model", "tiny", "--num-heads", "2", "--num-prompts", "1", "--max-new-tokens", "6", "--repeats", "1"]
+    argv += ["--step-sizes", "1,2", "--context-len", "8", "--cost-repeats", "1", "--threads", "1"]
+    argv += ["--trees", "chain1", "--out", str(tmp_path)]
+    assert bench.main(argv) == 1
+    assert "differs from the baseline's with tree(s) chain1" in capsys.readouterr().err

@@ -280,33 +280,31 @@ class _MedusaChunkedLoss(nn.Module):
         # Only scored rows are projected: prompts, padding and the last k positions of head k cost nothing.
         rows = (targets != self.ignore_index).nonzero().squeeze(-1)
         targets = targets.index_select(0, rows)
-        valid = torch.ones_like(targets, dtype=torch.bool)
         logits = project(_rows(term.hidden, rows), term.head)
         teacher_logits = None
         if term.teacher_hidden is not None:
             with torch.no_grad():
                 teacher_logits = teacher_project(_rows(term.teacher_hidden, rows), 0)
         if term.kl:
-            loss_sum = self.kl_sum(logits, teacher_logits, valid)
+            loss_sum = self.kl_sum(logits, teacher_logits)
         elif teacher_logits is not None:  # teacher_argmax
-            hard = torch.where(valid, teacher_logits.argmax(-1), self.ignore_index)
-            loss_sum = self.cross_entropy_sum(logits, hard)
+            loss_sum = self.cross_entropy_sum(logits, teacher_logits.argmax(-1))
         else:
             loss_sum = self.cross_entropy_sum(logits, targets)
         with torch.no_grad():
             if teacher_logits is not None:  # accuracy = agreement with the teacher's greedy token
                 targets = teacher_logits.argmax(-1)
-            return (loss_sum, *self._stats(loss_sum.detach(), logits.detach(), targets, valid))
+            return (loss_sum, *self._stats(loss_sum.detach(), logits.detach(), targets))
 
     def _stats(
-        self, loss_sum: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
+        self, loss_sum: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         maxk = min(max(self.topk), logits.size(-1))
         top = logits.topk(maxk, dim=-1).indices  # [n, maxk]
-        hit = (top == targets.unsqueeze(-1)) & valid.unsqueeze(-1)
+        hit = top == targets.unsqueeze(-1)
         cum = hit.cumsum(-1)  # a target appears at most once in top, so cum[:, k-1] = hit within top-k
         correct = torch.stack([cum[:, min(k, maxk) - 1].sum() for k in self.topk])
-        return loss_sum.float(), correct, valid.sum()
+        return loss_sum.float(), correct, torch.tensor(targets.numel(), device=targets.device)
 
     def compile_chunk_losses(self, backend: str = "inductor") -> None:
         """Compile only the per-chunk upcast + cross-entropy / KL (:meth:`cross_entropy_sum`, :meth:`kl_sum`), as
@@ -319,12 +317,11 @@ class _MedusaChunkedLoss(nn.Module):
         """Summed fp32 cross-entropy of ``logits [n, v]`` (any dtype) against ``targets [n]``."""
         return F.cross_entropy(logits.float(), targets, ignore_index=self.ignore_index, reduction="sum")
 
-    def kl_sum(self, logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """``sum over valid rows of KL(softmax(teacher) || softmax(student))``, in fp32."""
+    def kl_sum(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """``sum over rows of KL(softmax(teacher) || softmax(student))``, in fp32."""
         student_logp = F.log_softmax(logits.float(), dim=-1)
         teacher_logp = F.log_softmax(teacher_logits.float(), dim=-1)
-        kl = F.kl_div(student_logp, teacher_logp, reduction="none", log_target=True).sum(-1)
-        return torch.where(valid, kl, 0.0).sum()
+        return F.kl_div(student_logp, teacher_logp, reduction="sum", log_target=True)
 
 
 def _rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -234,6 +234,14 @@ def load_model(args):
 # ------------------------------------------------------------------------------------------------ measurements
 
 
+def _portable(value):
+    """A path under the home directory written as ``~/...``, so that results files name no machine's paths."""
+    home = str(Path.home())
+    if isinstance(value, str) and value.startswith(home + os.sep):
+        return "~" + value[len(home) :]
+    return value
+
+
 def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -412,7 +420,7 @@ def run(args) -> Dict[str, object]:
         results["trees"][n] = s
     sc.pop("_cost")
     return {
-        "config": vars(args),
+        "config": {k: _portable(v) for k, v in vars(args).items()},
         "environment": {
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -422,7 +430,7 @@ def run(args) -> Dict[str, object]:
             "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         },
         "prompts": {
-            "source": args.prompt_file or "built-in",
+            "source": _portable(args.prompt_file) or "built-in",
             "count": len(prompts),
             "lengths": [len(p) for p in prompts],
         },

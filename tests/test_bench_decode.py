@@ -85,3 +85,10 @@ def test_a_lossy_tree_fails_the_benchmark(bench, tmp_path, monkeypatch, capsys):
     argv += ["--trees", "chain1", "--out", str(tmp_path)]
     assert bench.main(argv) == 1
     assert "differs from the baseline's with tree(s) chain1" in capsys.readouterr().err
+
+
+def test_results_name_home_paths_portably(bench, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert bench._portable(str(tmp_path / "data" / "heldout.jsonl")) == "~/data/heldout.jsonl"
+    assert bench._portable(str(tmp_path) + "x/file") == str(tmp_path) + "x/file"  # a sibling, not under home
+    assert bench._portable("rel/path") == "rel/path" and bench._portable(3) == 3 and bench._portable(None) is None

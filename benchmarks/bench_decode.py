@@ -524,6 +524,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: as loaded (fp32; llama8b-random bf16)")
     p.add_argument("--out", default="output/bench_decode")
     args = p.parse_args(argv)
+    for name, low in (("num_prompts", 1), ("prompt_skip", 0), ("calibration_prompts", 0), ("max_new_tokens", 1)):
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.prompt_file and not Path(args.prompt_file).expanduser().is_file():
+        p.error(f"--prompt-file {args.prompt_file}: no such file (held-out split: <cache>/sharegpt/heldout.jsonl)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -92,3 +92,18 @@ def test_results_name_home_paths_portably(bench, monkeypatch, tmp_path):
     assert bench._portable(str(tmp_path / "data" / "heldout.jsonl")) == "~/data/heldout.jsonl"
     assert bench._portable(str(tmp_path) + "x/file") == str(tmp_path) + "x/file"  # a sibling, not under home
     assert bench._portable("rel/path") == "rel/path" and bench._portable(3) == 3 and bench._portable(None) is None
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
+        (["--prompt-skip", "-1"], "--prompt-skip must be >= 0"),
+        (["--calibration-prompts", "-2"], "--calibration-prompts must be >= 0"),
+        (["--prompt-file", "/nonexistent/heldout.jsonl"], "--prompt-file /nonexistent/heldout.jsonl: no such file"),
+    ],
+)
+def test_bad_arguments_are_rejected_by_name(bench, argv, match, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--out", str(tmp_path)])
+    assert match in capsys.readouterr().err

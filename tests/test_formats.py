@@ -224,3 +224,113 @@ def test_cli_subprocess(tmp_path):
     assert '"medusa_num_heads": 3' in out.stdout
     sd, cfg = import_heads(tmp_path / "trt")
     assert cfg.projection == "own" and sd["medusa_heads.0.0.linear.weight"].dtype == torch.bfloat16
+
+
+def _hf_model_dir(path, model):
+    """A base model folder as torchtune's HF checkpointer writes it (weights + an HF config)."""
+    path.mkdir(parents=True)
+    w = base_output_weight_of(model).clone()
+    save_file({"model.embed_tokens.weight": w, "model.norm.weight": torch.ones(w.shape[1])}, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    return path
+
+
+def test_cli_never_overwrites_a_base_model(tmp_path, capsys):
+    """Issue 14.1: converting into the base model's own folder exited 0 after replacing its weights."""
+    model = tiny_medusa(own_projection=False)
+    export_heads(model, tmp_path / "heads", format="torchtune")
+    hf = _hf_model_dir(tmp_path / "hf", model)
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    argv = ["--to", "vllm", str(tmp_path / "heads"), str(hf), "--base-checkpoint-dir", str(hf)]
+    assert convert_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"output folder {hf} is not empty" in err and "--force" in err and "config.json" in err
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    # --force replaces head files only: the base model's model.safetensors and config.json stay
+    assert convert_main(argv + ["--force"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors, config.json" in err and "not Medusa head files" in err and "another folder" in err
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    # the library refuses too
+    with pytest.raises(FileExistsError, match="model.safetensors"):
+        export_heads(model, hf, format="vllm")
+    # a file as output
+    assert convert_main(["--to", "vllm", str(tmp_path / "heads"), str(hf / "config.json")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_cli_force_replaces_earlier_heads_only(tmp_path):
+    model, other = tiny_medusa(), tiny_medusa(seed=1)
+    export_heads(model, tmp_path / "ours", format="torchtune")
+    export_heads(other, tmp_path / "out", format="vllm")
+    (tmp_path / "out" / "README.md").write_text("my notes")
+    argv = ["--to", "vllm", str(tmp_path / "ours"), str(tmp_path / "out")]
+    assert convert_main(argv) == 2  # not empty
+    assert convert_main(argv + ["--force"]) == 0
+    sd, _ = import_heads(tmp_path / "out")
+    _assert_exact(sd, _heads(model))
+    assert (tmp_path / "out" / "README.md").read_text() == "my notes"
+
+
+def test_cli_shared_heads_name_the_cli_option(tmp_path, capsys):
+    """Issue 14.12: the CLI said "pass base_output_weight", a Python argument."""
+    model = tiny_medusa(own_projection=False)
+    export_heads(model, tmp_path / "heads", format="torchtune")
+    for fmt in ("vllm", "tensorrt_llm"):
+        assert convert_main(["--to", fmt, str(tmp_path / "heads"), str(tmp_path / fmt)]) == 2
+        err = capsys.readouterr().err
+        assert "--base-checkpoint-dir" in err and "base_output_weight" not in err and str(tmp_path / "heads") in err
+        assert not (tmp_path / fmt).exists()
+    assert convert_main(["--to", "tgi_v2", str(tmp_path / "heads"), str(tmp_path / "tgi")]) == 2
+    assert "--base-model-name-or-path" in capsys.readouterr().err
+    hf = _hf_model_dir(tmp_path / "hf", model)
+    argv = ["--to", "vllm", str(tmp_path / "heads"), str(tmp_path / "vllm"), "--base-checkpoint-dir", str(hf)]
+    assert convert_main(argv) == 0
+    assert torch.equal(
+        load_file(tmp_path / "vllm" / "model.safetensors")["lm_heads.0.weight"], base_output_weight_of(model)
+    )
+    # a base model of another size
+    small = tmp_path / "small"
+    small.mkdir()
+    save_file({"model.embed_tokens.weight": torch.zeros(128, 16)}, small / "model.safetensors")
+    argv = ["--to", "vllm", str(tmp_path / "heads"), str(tmp_path / "v2"), "--base-checkpoint-dir", str(small)]
+    assert convert_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--base-checkpoint-dir {small}" in err and "(128, 16)" in err and "(128, 32)" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_head_file_is_named(tmp_path, capsys, damage):
+    """Issue 14.8: a truncated or garbage medusa_lm_head.safetensors ended in a bare SafetensorError."""
+    export_heads(tiny_medusa(), tmp_path / "heads", format="torchtune")
+    path = tmp_path / "heads" / "medusa_lm_head.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 100)
+    with pytest.raises(ValueError, match=f"{path} is not a readable safetensors file.*truncated or corrupt.*again"):
+        import_heads(tmp_path / "heads")
+    for fmt in (None, "torchtune"):
+        argv = (["--from", fmt] if fmt else []) + ["--to", "vllm", str(tmp_path / "heads"), str(tmp_path / "out")]
+        assert convert_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(path) in err and "Traceback" not in err
+    # a legacy .pt file
+    pt = tmp_path / "legacy" / "medusa_lm_head.pt"
+    pt.parent.mkdir()
+    pt.write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=f"{pt} is not a readable PyTorch file"):
+        import_heads(pt, format="fasterdecoding_v1")
+    # a corrupt base checkpoint given to --base-checkpoint-dir
+    export_heads(tiny_medusa(own_projection=False), tmp_path / "shared", format="torchtune")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"\x00" * 64)
+    hf = tmp_path / "hf"
+    argv = ["--to", "vllm", str(tmp_path / "shared"), str(tmp_path / "o2"), "--base-checkpoint-dir", str(hf)]
+    assert convert_main(argv) == 2
+    assert str(tmp_path / "hf" / "model.safetensors") in capsys.readouterr().err
+
+
+def test_corrupt_config_is_named(tmp_path):
+    export_heads(tiny_medusa(), tmp_path / "heads", format="fasterdecoding_v1")
+    (tmp_path / "heads" / "config.json").write_text('{"medusa_num_heads": 3,')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        import_heads(tmp_path / "heads")

@@ -40,14 +40,15 @@ Note:
 
 import json
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import safe_open, SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -160,13 +161,85 @@ def atomic_write_json(obj: Any, path: Union[str, Path]) -> None:
         raise
 
 
+def _unreadable(path: Path, error: Exception) -> ValueError:
+    kind = "safetensors" if path.suffix == ".safetensors" else "PyTorch"
+    return ValueError(
+        f"{path} is not a readable {kind} file, it is truncated or corrupt ({type(error).__name__}: {error}); "
+        "copy or export it again"
+    )
+
+
 def _load_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    """All tensors of a safetensors or ``torch.save`` file.
+
+    Raises:
+        ValueError: the file is truncated or corrupt (the message names it), or not a flat state dict.
+    """
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise _unreadable(path, e) from e
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise _unreadable(path, e) from e
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} does not hold a flat state dict of tensors")
     return dict(sd)
+
+
+def safetensors_keys(path: Union[str, Path]) -> List[str]:
+    """The tensor names of a safetensors file, without reading the tensors.
+
+    Raises:
+        ValueError: the file is truncated or corrupt (the message names it).
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except SafetensorError as e:
+        raise _unreadable(path, e) from e
+
+
+def export_files(format: str) -> Tuple[str, str]:
+    """The files :func:`export_heads` writes for ``format``: ``(weights file, config file)``."""
+    fmt = _canonical_format(format)
+    if fmt == "vllm":
+        return VLLM_WEIGHTS_FILE, HF_CONFIG_FILE
+    return HEAD_FILE, MEDUSA_CONFIG_FILE if fmt == "torchtune" else HF_CONFIG_FILE
+
+
+def is_head_file(path: Union[str, Path]) -> bool:
+    """Whether a file holds Medusa heads or a Medusa config and nothing else, so that replacing it loses nothing
+    but heads: a safetensors file whose keys are all head keys (any format), or a JSON config with Medusa fields.
+    A file that cannot be read is not a head file."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            keys = safetensors_keys(path)
+            fd_keys = _strip_prefix(dict.fromkeys(keys))
+            return bool(keys) and (all(_FD_KEY.match(k) for k in fd_keys) or all(_VLLM_KEY.match(k) for k in fd_keys))
+        if path.suffix == ".json":
+            cfg = _read_json(path)
+            return isinstance(cfg, dict) and (
+                "medusa_num_heads" in cfg or cfg.get("model_type") == "medusa" or "medusa_projection" in cfg
+            )
+    except (ValueError, OSError):
+        return False
+    return False
+
+
+def _check_overwrite(out_dir: Path, names: Tuple[str, ...]) -> None:
+    """Refuse to replace a file of ``out_dir`` that is not a head file (e.g. a base model's ``model.safetensors``
+    or ``config.json``)."""
+    foreign = [name for name in names if (out_dir / name).exists() and not is_head_file(out_dir / name)]
+    if foreign:
+        raise FileExistsError(
+            f"{out_dir} already holds {', '.join(foreign)}, which {'is' if len(foreign) == 1 else 'are'} not Medusa "
+            "head files (a base model's files?) and will not be overwritten; write the heads to another folder"
+        )
 
 
 # ------------------------------------------------------------------------------------- layout (FD keys) helpers
@@ -296,6 +369,13 @@ def base_output_weight_of(model_or_sd: Union[nn.Module, Mapping[str, torch.Tenso
     return None
 
 
+def needs_base_output_weight(cfg: MedusaHeadConfig, format: str) -> bool:
+    """Whether writing heads of shape ``cfg`` as ``format`` needs the base model's output weight: shared heads
+    written to a format with a projection per head (``fasterdecoding_v1``, ``tgi_v1``, ``tensorrt_llm``) or to
+    ``vllm`` (whose file carries the base output layer)."""
+    return cfg.projection == "shared" and _canonical_format(format) in _OWN_FORMATS + ("vllm",)
+
+
 # -------------------------------------------------------------------------------------------------- export
 
 
@@ -314,8 +394,8 @@ def export_heads(
     Args:
         state_dict_or_model: a :class:`MedusaTransformerDecoder`, its (full, gathered) state dict, or a dict
             of head tensors in FasterDecoding layout (with or without the ``medusa_heads.`` prefix).
-        out_dir (Union[str, Path]): folder to write to (created; existing files of the same names replaced
-            atomically).
+        out_dir (Union[str, Path]): folder to write to (created; existing head files of the same names are
+            replaced atomically, any other file of those names is never touched: ``FileExistsError``).
         format (str): one of :data:`HEAD_FORMATS`. Default ``"torchtune"``.
         base_output_weight (Optional[torch.Tensor]): the base model's output weight ``[V, D]``. Needed to write
             shared heads to a format with per-head projections (``fasterdecoding_v1``, ``tgi_v1``,
@@ -331,6 +411,7 @@ def export_heads(
 
     Raises:
         ValueError: unknown format, malformed heads, or a layout the format cannot hold.
+        FileExistsError: ``out_dir`` holds a file of an output name that is not a head file.
     """
     fmt = _canonical_format(format)
     out_dir = Path(out_dir)
@@ -416,10 +497,12 @@ def export_heads(
         }
         if base_model_name_or_path:
             config["base_model_name_or_path"] = base_model_name_or_path
+        _check_overwrite(out_dir, export_files(fmt))
         atomic_save_safetensors(tensors, out_dir / VLLM_WEIGHTS_FILE)
         atomic_write_json(config, out_dir / HF_CONFIG_FILE)
         return cfg
 
+    _check_overwrite(out_dir, export_files(fmt))
     atomic_save_safetensors(fd_sd, out_dir / HEAD_FILE)
     if fmt == "torchtune":
         atomic_write_json(cfg.torchtune_json(), out_dir / MEDUSA_CONFIG_FILE)
@@ -432,7 +515,12 @@ def export_heads(
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or replace the file") from e
 
 
 def detect_format(path: Union[str, Path]) -> str:
@@ -475,10 +563,9 @@ def _find_weights(folder: Path) -> Path:
     )
 
 
-def _keys_of(path: Path):
+def _keys_of(path: Path) -> List[str]:
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
+        return safetensors_keys(path)
     return list(_load_tensors(path))
 
 
@@ -627,7 +714,11 @@ __all__ = [
     "atomic_write_json",
     "base_output_weight_of",
     "detect_format",
+    "export_files",
     "export_heads",
     "import_heads",
     "infer_head_config",
+    "is_head_file",
+    "needs_base_output_weight",
+    "safetensors_keys",
 ]

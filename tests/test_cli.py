@@ -122,3 +122,18 @@ def test_tune_run_outside_repo(smollm2_assets, tmp_path, launcher):
     run([TUNE, "run", *launcher, "medusa_finetune", "--config", "smollm2/135M_medusa",
          f"output_dir={tmp_path / 'out'}", *quick], cwd=tmp_path)
     assert (tmp_path / "out" / "epoch_0" / "medusa_lm_head.safetensors").is_file()
+
+
+def test_torchao_cpp_warning_is_silenced(tmp_path):
+    """Issue 14.13: every command printed torchao's warning about its C++ extensions (unused here)."""
+    code = (
+        "import logging, torchtune_medusa.models\n"
+        "logging.getLogger('torchao').warning('another torchao warning')\n"  # other messages are kept
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    for flags in ([], ["-S"]):  # through the .pth start-up hook, and through the package import
+        cmd = [sys.executable, *flags, "-c", code]
+        result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        assert "Skipping import of cpp extensions" not in result.stderr
+        assert "another torchao warning" in result.stderr

@@ -165,6 +165,66 @@ def test_bad_input(model, tok, prompts_file, tmp_path):
         run(model, tok, prompts_file, out, conversation_column="messages")
 
 
+def test_never_truncates_a_file_it_did_not_write(model, tok, prompts_file, tmp_path, capsys):
+    """Issue 14.3: a one-line JSON file given as the output was taken for a torn line and truncated."""
+    user = json.dumps({"my": "data", "values": list(range(3000))})
+    cases = {
+        "one_line.json": user,  # no newline: looked like a torn last line
+        "one_line_nl.json": user + "\n",
+        "notes.txt": "my notes\nmore notes",
+        # a torn first write: a file written here never starts so (the first batch is created by a rename)
+        "torn_first.jsonl": '{"id": "c1", "conversations": [{"from": "hu',
+    }
+    for name, text in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"{path} line 1 is not a self-distillation record.*left untouched"):
+            run(model, tok, prompts_file, path)
+        assert path.read_text() == text, name
+        # the CLI refuses it before loading anything (the model and data folders do not even exist)
+        argv = ["--output", str(path), "--model-dir", str(tmp_path / "no_model"), "--data", str(tmp_path / "no.jsonl")]
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and "left untouched" in err and "another output file" in err
+        assert path.read_text() == text, name
+    # records of ours followed by a foreign complete line: refused too
+    ours = tmp_path / "ours.jsonl"
+    run(model, tok, prompts_file, ours, limit=2)
+    text = ours.read_text() + "not a record\n" + '{"id": "x"}'
+    ours.write_text(text)
+    with pytest.raises(ValueError, match="line 3 is not a self-distillation record"):
+        run(model, tok, prompts_file, ours)
+    assert ours.read_text() == text
+
+
+def test_resume_onto_a_last_record_without_newline(model, tok, prompts_file, tmp_path, capsys):
+    """Issue 14.4: the next record was glued onto a last line without newline (`truncate -s -1`)."""
+    reference = tmp_path / "ref.jsonl"
+    run(model, tok, prompts_file, reference)
+    ref_bytes = reference.read_bytes()
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b"".join(ref_bytes.splitlines(keepends=True)[:4])[:-1])  # head -n4 | truncate -s -1
+    stats = run(model, tok, prompts_file, out)
+    assert out.read_bytes() == ref_bytes and stats.already_done == 4
+    assert "adding the newline missing after the last record" in capsys.readouterr().out
+    stats = run(model, tok, prompts_file, out)  # and the next resume reads it
+    assert stats.conversations_written == 0 and stats.already_done == 8
+
+
+def test_limit_must_be_positive(model, tok, prompts_file, tmp_path, capsys):
+    """Issue 14.7: `--limit -1` wrote an empty file."""
+    out = tmp_path / "sd.jsonl"
+    for limit in (-1, 0):
+        with pytest.raises(ValueError, match=f"limit must be an int >= 1.*got {limit}"):
+            run(model, tok, prompts_file, out, limit=limit)
+        with pytest.raises(SystemExit) as e:
+            main(["--output", str(out), "--limit", str(limit), "--model-dir", str(tmp_path / "no_model")])
+        assert e.value.code == 2 and f"--limit must be >= 1, got {limit}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.fixture
 def keep_threads():
     threads = torch.get_num_threads()

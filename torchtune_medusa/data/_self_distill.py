@@ -11,9 +11,12 @@ the human turns of a ShareGPT file are sent to the model, and its replies are wr
 
 The run is a plan of batches (prompts sorted by token length, so rows of a batch pad little), decoded with the
 project's KV-cached :func:`~torchtune_medusa.generation.generate`. Each batch is appended to the output with
-one write, then flushed and fsync'ed. A rerun with the same arguments resumes: conversations already in the file
-are skipped, and a line torn by a kill is cut off (with a message). Because the plan and each batch's seed depend
-only on the arguments and the prompt ids, a resumed run writes the same file as an uninterrupted one.
+one write, then flushed and fsync'ed; a new output file is created with its first batch by an atomic rename, so
+a file written here always starts with a complete record. A rerun with the same arguments resumes: conversations
+already in the file are skipped, a line torn by a kill is cut off and a last record that lost its newline gets
+it back (with a message). Because the plan and each batch's seed depend only on the arguments and the prompt ids,
+a resumed run writes the same file as an uninterrupted one. A file that does not start with a record (with the
+``self_distill`` metadata) was not written here: it is refused and never modified.
 
 CLI: ``python -m torchtune_medusa.data.self_distill --help``.
 """
@@ -143,12 +146,54 @@ def load_prompts(
     return prompts
 
 
-def read_done(path: Path, settings: Dict[str, Any]) -> Set[str]:
-    """Ids already in an output file; a torn last line (from a kill mid-write) is cut off with a message.
+def _parse_record(line: bytes) -> Optional[Dict[str, Any]]:
+    """The record of an output line, or None when the line is not a self-distillation record."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or "id" not in record or not isinstance(record.get(META_KEY), dict):
+        return None
+    return record
+
+
+def _not_a_record(path: Path, line_no: int) -> ValueError:
+    return ValueError(
+        f"self_distill: {path} line {line_no} is not a self-distillation record (a JSON object with 'id' and "
+        f"'{META_KEY}' metadata), so this file is not (only) self-distillation output; it was left untouched: "
+        "give another output file, or delete this one to start over"
+    )
+
+
+def check_output_file(path: Union[str, Path]) -> None:
+    """Refuse, before any work, an output file that self-distillation did not write: it must be missing, empty,
+    or start with a complete record (with ``self_distill`` metadata).
 
     Raises:
-        ValueError: a corrupt line before the last one, or records written with other settings.
+        ValueError: any other file (it is not modified).
     """
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"self_distill: output {path} is not a regular file; give a .jsonl file path")
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        first = f.readline()
+    if not first.endswith(b"\n") or _parse_record(first.rstrip(b"\n")) is None:
+        raise _not_a_record(path, 1)
+
+
+def read_done(path: Path, settings: Dict[str, Any]) -> Set[str]:
+    """Ids already in an output file that self-distillation wrote (see :func:`check_output_file`).
+
+    A torn last line (from a kill mid-write) is cut off, and a complete last record without its newline gets one,
+    both with a message; nothing else in the file is ever changed.
+
+    Raises:
+        ValueError: a file that self-distillation did not write, a corrupt line before the last one, or records
+            written with other settings.
+    """
+    check_output_file(path)
     if not path.exists():
         return set()
     done = set()
@@ -158,25 +203,49 @@ def read_done(path: Path, settings: Dict[str, Any]) -> Set[str]:
     for i, line in enumerate(lines):
         if not line:
             continue
-        try:
-            record = json.loads(line)
-            rid, meta = record["id"], record[META_KEY]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            if i == len(lines) - 1:  # no newline after it: the write was interrupted
+        last = i == len(lines) - 1  # no newline after it
+        record = _parse_record(line)
+        if record is None:
+            if last and good_bytes > 0:  # the file is ours (it starts with a record): the write was interrupted
                 print(f"[self_distill] {path}: dropping a torn last line ({len(line)} bytes) from an interrupted run")
                 with open(path, "r+b") as f:
                     f.truncate(good_bytes)
                 break
-            raise ValueError(f"self_distill: {path} line {i + 1} is not a self-distillation record") from None
+            raise _not_a_record(path, i + 1)
+        meta = record[META_KEY]
         mismatch = {k: (meta.get(k), settings[k]) for k in RESUME_KEYS if meta.get(k) != settings[k]}
         if mismatch:
             raise ValueError(
                 f"self_distill: {path} was written with other settings {mismatch} (file, now); "
                 "resume with the same arguments or write to a new file"
             )
-        done.add(rid)
+        if last:  # complete, but its newline is missing: appending would glue the next record onto it
+            print(f"[self_distill] {path}: adding the newline missing after the last record")
+            with open(path, "ab") as f:
+                f.write(b"\n")
+        done.add(record["id"])
         good_bytes += len(line) + 1
     return done
+
+
+def _append(path: Path, text: str) -> None:
+    """Append ``text`` durably (flush + fsync). A new file is created complete, by an atomic rename."""
+    if path.exists():
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _record(p: Prompt, replies: List[str], reasons: List[str], n_tokens: List[int], meta: Dict[str, Any]) -> str:
@@ -252,6 +321,8 @@ def self_distill(
             raise ValueError(f"self_distill: {name} must be an int >= {low}, got {value!r}")
     if temperature < 0:
         raise ValueError(f"self_distill: temperature must be >= 0, got {temperature!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"self_distill: limit must be an int >= 1 (or None for every conversation), got {limit!r}")
     output_file = Path(output_file)
     settings = dict(
         model=model_name,
@@ -290,64 +361,62 @@ def self_distill(
     stats.already_done = sum(p.id in done for p in kept)
     stop_reasons: Counter = Counter()
     bar = tqdm(total=len(kept), initial=stats.already_done, desc="Self-distilling", unit="conv", disable=not progress)
-    with open(output_file, "a", encoding="utf-8") as out:
-        for b, batch in enumerate(plan):
-            todo = [p for p in batch if p.id not in done]
-            if not todo:
-                continue
-            # The whole batch is regenerated (same rows, same seed) even when some rows were written before a
-            # torn write, so that every row decodes exactly as in an uninterrupted run.
-            batch_seed = derive_seed(seed, batch[0].id)
-            replies: List[List[str]] = [[] for _ in batch]
-            reasons: List[List[str]] = [[] for _ in batch]
-            n_tokens: List[List[int]] = [[] for _ in batch]
-            for turn in range(max(len(p.user_turns) for p in batch)):
-                rows = [i for i, p in enumerate(batch) if len(replies[i]) == turn and turn < len(p.user_turns)]
-                inputs = []
-                for i in list(rows):
-                    ids = prompt_of(batch[i], replies[i])
-                    if len(ids) > max_prompt_len:  # a later turn outgrew the limit: the conversation ends here
-                        skipped[f"later turns dropped: prompt longer than max_prompt_len={max_prompt_len}"] += 1
-                        rows.remove(i)
-                        continue
-                    inputs.append(ids)
-                if not rows:
-                    break
-                t0 = time.perf_counter()
-                result = generate(
-                    model,
-                    inputs,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_k=top_k,
-                    stop_tokens=tokenizer.stop_tokens,
-                    seed=derive_seed(batch_seed, turn) if turn else batch_seed,
-                    max_cache_len=max_prompt_len + max_new_tokens,
-                )
-                stats.generation_time_s += time.perf_counter() - t0
-                for i, toks, reason in zip(rows, result.tokens, result.stats.stop_reasons):
-                    n_tokens[i].append(len(toks))
-                    reasons[i].append(reason)
-                    if toks and toks[-1] in tokenizer.stop_tokens:
-                        toks = toks[:-1]
-                    replies[i].append(tokenizer.decode(toks))
-                    stats.new_tokens += n_tokens[i][-1]
-                    stats.replies += 1
-                    stop_reasons[reason] += 1
-            lines = []
-            for i, p in enumerate(batch):
-                if p.id in done or not replies[i]:
+    for b, batch in enumerate(plan):
+        todo = [p for p in batch if p.id not in done]
+        if not todo:
+            continue
+        # The whole batch is regenerated (same rows, same seed) even when some rows were written before a
+        # torn write, so that every row decodes exactly as in an uninterrupted run.
+        batch_seed = derive_seed(seed, batch[0].id)
+        replies: List[List[str]] = [[] for _ in batch]
+        reasons: List[List[str]] = [[] for _ in batch]
+        n_tokens: List[List[int]] = [[] for _ in batch]
+        for turn in range(max(len(p.user_turns) for p in batch)):
+            rows = [i for i, p in enumerate(batch) if len(replies[i]) == turn and turn < len(p.user_turns)]
+            inputs = []
+            for i in list(rows):
+                ids = prompt_of(batch[i], replies[i])
+                if len(ids) > max_prompt_len:  # a later turn outgrew the limit: the conversation ends here
+                    skipped[f"later turns dropped: prompt longer than max_prompt_len={max_prompt_len}"] += 1
+                    rows.remove(i)
                     continue
-                p_turns = Prompt(p.id, p.system, p.user_turns[: len(replies[i])])
-                meta = dict(settings, seed=batch_seed)
-                lines.append(_record(p_turns, replies[i], reasons[i], n_tokens[i], meta))
-            out.write("".join(lines))
-            out.flush()
-            os.fsync(out.fileno())
-            stats.conversations_written += len(lines)
-            bar.update(len(todo))
-            if on_batch is not None:
-                on_batch(b, len(plan))
+                inputs.append(ids)
+            if not rows:
+                break
+            t0 = time.perf_counter()
+            result = generate(
+                model,
+                inputs,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                stop_tokens=tokenizer.stop_tokens,
+                seed=derive_seed(batch_seed, turn) if turn else batch_seed,
+                max_cache_len=max_prompt_len + max_new_tokens,
+            )
+            stats.generation_time_s += time.perf_counter() - t0
+            for i, toks, reason in zip(rows, result.tokens, result.stats.stop_reasons):
+                n_tokens[i].append(len(toks))
+                reasons[i].append(reason)
+                if toks and toks[-1] in tokenizer.stop_tokens:
+                    toks = toks[:-1]
+                replies[i].append(tokenizer.decode(toks))
+                stats.new_tokens += n_tokens[i][-1]
+                stats.replies += 1
+                stop_reasons[reason] += 1
+        lines = []
+        for i, p in enumerate(batch):
+            if p.id in done or not replies[i]:
+                continue
+            p_turns = Prompt(p.id, p.system, p.user_turns[: len(replies[i])])
+            meta = dict(settings, seed=batch_seed)
+            lines.append(_record(p_turns, replies[i], reasons[i], n_tokens[i], meta))
+        if lines:
+            _append(output_file, "".join(lines))
+        stats.conversations_written += len(lines)
+        bar.update(len(todo))
+        if on_batch is not None:
+            on_batch(b, len(plan))
     bar.close()
     stats.tokens_per_second = stats.new_tokens / max(stats.generation_time_s, 1e-9)
     stats.stop_reasons = dict(stop_reasons)

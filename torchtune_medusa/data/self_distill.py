@@ -12,6 +12,7 @@ Example (the offline assets by default; rerun the same command to resume)::
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -19,7 +20,7 @@ from typing import List, Optional
 
 import torch
 
-from torchtune_medusa.data._self_distill import self_distill
+from torchtune_medusa.data._self_distill import check_output_file, self_distill
 from torchtune_medusa.data._tokenizer import smollm2_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,6 +42,20 @@ def load_smollm2(model_dir: str, *, device: str = "cpu", dtype: str = "fp32") ->
     return model.to(device=device, dtype=DTYPES[dtype]).eval()
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad numbers and a foreign ``--output`` file before the model is loaded (``parser.error``)."""
+    for name, low in (("max_new_tokens", 1), ("batch_size", 1), ("max_prompt_len", 1), ("limit", 1), ("top_k", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    try:
+        check_output_file(args.output)
+    except ValueError as e:
+        parser.error(f"--output: {e}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m torchtune_medusa.data.self_distill",
@@ -57,12 +72,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are skipped and counted")
     parser.add_argument("--multi-turn", action="store_true", help="answer every user turn, not only the first")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N conversations of the data")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N >= 1 conversations of the data")
     parser.add_argument("--system-prompt", default=None, help="system message for prompts that have none")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
+    check_args(parser, args)
 
     if args.model_dir is None or args.data is None:
         from torchtune_medusa.assets import prepare
@@ -76,21 +92,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.perf_counter()
     model = load_smollm2(args.model_dir, device=args.device, dtype=args.dtype)
     print(f"[self_distill] loaded {args.model_dir} in {time.perf_counter() - t0:.1f} s")
-    stats = self_distill(
-        model,
-        tokenizer,
-        args.data,
-        args.output,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        max_prompt_len=args.max_prompt_len,
-        multi_turn=args.multi_turn,
-        limit=args.limit,
-        model_name=f"SmolLM2-135M-Instruct ({args.dtype})",
-    )
+    try:
+        stats = self_distill(
+            model,
+            tokenizer,
+            args.data,
+            args.output,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            max_prompt_len=args.max_prompt_len,
+            multi_turn=args.multi_turn,
+            limit=args.limit,
+            model_name=f"SmolLM2-135M-Instruct ({args.dtype})",
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(asdict(stats), indent=2))
     return 0
 

@@ -15,6 +15,29 @@ from datasets import Dataset, load_dataset
 LOCAL_SOURCES = ("json", "csv", "parquet", "text", "arrow")
 
 
+def check_local_data_file(builder: str, path: Union[str, os.PathLike]) -> None:
+    """Refuse a data file that holds nothing but whitespace (``datasets`` ends such a file in a bare
+    ``StopIteration``). Reads only up to the first non-blank byte.
+
+    Args:
+        builder (str): name of the caller, used in the message.
+        path (Union[str, os.PathLike]): an existing local file.
+
+    Raises:
+        ValueError: the file is empty; the message names it.
+    """
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 16)
+            if not chunk:
+                raise ValueError(
+                    f"{builder}: data file {os.fspath(path)!r} is empty (no records): write the data into it, or point "
+                    "data_files at the file that holds them"
+                )
+            if chunk.strip():
+                return
+
+
 def load_local_dataset(
     builder: str,
     *,
@@ -42,6 +65,7 @@ def load_local_dataset(
     Raises:
         ValueError: if a local ``source`` is given without ``data_files``.
         ValueError: if the data lacks ``column``.
+        ValueError: if a local file is empty.
         FileNotFoundError: if a listed file, or every match of a glob, is missing.
     """
     if data_files is not None:
@@ -52,9 +76,18 @@ def load_local_dataset(
         if not data_files:
             raise ValueError(f"{builder}: source={source!r} needs data_files (a local file, list or glob)")
         for f in files:
-            if "://" not in f and not (glob.glob(f) if glob.has_magic(f) else os.path.exists(f)):
+            if "://" in f:
+                continue
+            matches = glob.glob(f) if glob.has_magic(f) else [f] if os.path.exists(f) else []
+            if not matches:
                 raise FileNotFoundError(f"{builder}: data_files entry {f!r} does not exist")
-    data = load_dataset(source, split=split, **load_dataset_kwargs)
+            for match in matches:
+                if os.path.isfile(match):
+                    check_local_data_file(builder, match)
+    try:
+        data = load_dataset(source, split=split, **load_dataset_kwargs)
+    except StopIteration as e:  # how `datasets` reports a file without records
+        raise ValueError(f"{builder}: no records in data_files={data_files!r}") from e
     if column is not None and column[1] not in data.column_names:
         raise ValueError(
             f"{builder}: {column[0]}={column[1]!r} is not in the data; its columns are {data.column_names}"

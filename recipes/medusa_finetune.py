@@ -11,13 +11,15 @@ A fork of torchtune 0.6.1's ``full_finetune_distributed`` (copy-and-hack). Launc
     tune run --nproc_per_node 8 medusa_finetune --config llama3_3/llama_medusa.yaml
 """
 
+import difflib
+import inspect
 import math
 import os
 import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -44,10 +46,12 @@ from torchtune.training import PROFILER_KEY
 from tqdm import tqdm
 
 from torchtune_medusa._config import register_resolvers
+from torchtune_medusa.data._utils import check_local_data_file
 from torchtune_medusa.generation import calibrate_tree, measure_step_cost
 from torchtune_medusa.modules.loss import medusa_loss_metrics, MedusaSelfDistillationLoss
 from torchtune_medusa.training._recipe_utils import (
     atomic_directory,
+    check_resume_settings,
     find_latest_training_state,
     gather_full_tensors,
     HiddenStateCache,
@@ -56,9 +60,11 @@ from torchtune_medusa.training._recipe_utils import (
     init_process_group_for_recipe,
     load_full_tensors_inplace,
     load_optimizer_state,
+    load_training_state_file,
     medusa_shard_condition,
     output_shard_condition,
     parse_stages,
+    remove_stale_temp_files,
     save_optimizer_state,
     Stage,
     stage_at,
@@ -90,16 +96,219 @@ _LORA_MODEL_KEYS = (
 
 TREE_COSTS = ("none", "measured")
 
+#: Top-level config keys the recipe reads; any other key is a typo (``epocs=2``) and is refused.
+RECIPE_KEYS = frozenset(
+    {
+        "batch_size",
+        "cache_hidden_states",
+        "checkpointer",
+        "clip_grad_norm",
+        "collate_fn",
+        "compile",
+        "cudnn_deterministic_mode",
+        "custom_sharded_layers",
+        "dataset",
+        "device",
+        "dtype",
+        "enable_activation_checkpointing",
+        "epochs",
+        "export_vllm",
+        "fsdp_cpu_offload",
+        "fsdp_reshard_after_forward",
+        "gradient_accumulation_steps",
+        "head_targets",
+        "hidden_cache_max_gb",
+        "hidden_cache_on_device",
+        "keep_last_n_training_states",
+        "log_every_n_steps",
+        "log_peak_memory_stats",
+        "loss",
+        "lr_scheduler",
+        "max_steps_per_epoch",
+        "medusa_lr_multiplier",
+        "medusa_version",
+        "metric_logger",
+        "model",
+        "optimizer",
+        "optimizer_in_bwd",
+        "output_dir",
+        PROFILER_KEY,
+        "resume_from_checkpoint",
+        "save_every_n_steps",
+        "seed",
+        "shuffle",
+        "stages",
+        "tokenizer",
+        "validation",
+    }
+)
+
+#: Keys of the ``validation`` section.
+VALIDATION_KEYS = frozenset(
+    {
+        "batch_size",
+        "calibrate_tree_nodes",
+        "dataset",
+        "decode_with_calibrated_tree",
+        "every_n_steps",
+        "max_new_tokens",
+        "max_prompt_len",
+        "max_samples",
+        "medusa_choices",
+        "num_prompts",
+        "topk",
+        "tree_cost",
+    }
+)
+
+#: Sections built with ``config.instantiate``: their keys are the component's arguments.
+COMPONENT_KEYS = (
+    "model",
+    "tokenizer",
+    "checkpointer",
+    "dataset",
+    "loss",
+    "optimizer",
+    "lr_scheduler",
+    "metric_logger",
+    PROFILER_KEY,
+)
+
+
+def _component_arguments(path: str) -> Optional[Set[str]]:
+    """Keyword arguments the component at ``path`` accepts (following ``**kwargs`` up a class's bases), or
+    None when they cannot be known (a function taking ``**kwargs``, an unimportable path)."""
+    try:
+        component = _get_component_from_path(path)
+    except Exception:
+        return None  # config.instantiate reports it
+    if inspect.isclass(component):
+        targets = [c.__dict__["__init__"] for c in component.__mro__ if "__init__" in c.__dict__]
+    else:
+        targets = [component]
+    names: Set[str] = set()
+    for target in targets:
+        try:
+            params = inspect.signature(target).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names - {"self"}
+    return None
+
+
+def _unknown_key_line(key: str, valid: Set[str], prefix: str = "", rest: str = "") -> str:
+    """``'epocs' (did you mean 'epochs'?)`` for the unknown key ``prefix + key``, shown as ``prefix + key + rest``
+    (``rest``: the sub-key of an unknown section, ``.lora_rank`` of ``+model.lora_rank``)."""
+    shown = f"{prefix}{key}{rest}"
+    bare = key.lstrip("+")
+    if bare != key and bare in valid:
+        return f"{shown!r} (did you mean {prefix + bare + rest!r}? key=value overrides take no '+', also for new keys)"
+    nearest = difflib.get_close_matches(bare, sorted(valid), n=1, cutoff=0.5)
+    if nearest:
+        return f"{shown!r} (did you mean {prefix + nearest[0] + rest!r}?)"
+    return f"{shown!r} (no similar key)"
+
+
+def _check_section_keys(section: Any, name: str, valid: Optional[Set[str]], unknown: List[str]) -> None:
+    """Add to ``unknown`` the keys of config section ``name`` that are not in ``valid`` (None: the arguments of
+    the section's ``_component_``, when they can be known)."""
+    if not isinstance(section, DictConfig):
+        return
+    if valid is None and "_component_" in section:
+        valid = _component_arguments(str(section._component_))
+    if valid is None:
+        return
+    for key in section.keys():
+        if key != "_component_" and key not in valid:
+            unknown.append(_unknown_key_line(str(key), valid, prefix=f"{name}."))
+
+
+def check_config_keys(cfg: DictConfig) -> None:
+    """Refuse config keys that nothing reads: top-level keys the recipe does not know, ``validation`` keys, and
+    keys of a component section that its ``_component_`` does not take (when its arguments are known).
+
+    Raises:
+        ValueError: naming every unknown key and the nearest valid one.
+    """
+    unknown: List[str] = []
+    for key in cfg.keys():
+        if key in RECIPE_KEYS:
+            continue
+        section = cfg.get(key)
+        subkeys = list(section.keys()) if isinstance(section, DictConfig) and len(section) > 0 else [None]
+        for sub in subkeys:
+            unknown.append(_unknown_key_line(str(key), set(RECIPE_KEYS), rest="" if sub is None else f".{sub}"))
+    for name in COMPONENT_KEYS:
+        sections = cfg.get(name, None)
+        for section in sections if isinstance(sections, ListConfig) else [sections]:
+            _check_section_keys(section, name, None, unknown)
+    val = cfg.get("validation", None)
+    _check_section_keys(val, "validation", set(VALIDATION_KEYS), unknown)
+    if isinstance(val, DictConfig):
+        _check_section_keys(val.get("dataset", None), "validation.dataset", None, unknown)
+    if unknown:
+        raise ValueError(
+            "medusa_finetune: unknown config key(s) "
+            + "; ".join(unknown)
+            + ": nothing reads them; fix the spelling, or remove them (`~key` on the command line)"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Counts and rates that must be positive: epochs, steps per epoch, batch size, accumulation, lr, saving.
+
+    Raises:
+        ValueError: naming the key, its value and the values it takes.
+    """
+    positive = {
+        "epochs": cfg.get("epochs", None),
+        "batch_size": cfg.get("batch_size", None),
+        "gradient_accumulation_steps": cfg.get("gradient_accumulation_steps", 1),
+        "log_every_n_steps": cfg.get("log_every_n_steps", 1),
+        "keep_last_n_training_states": cfg.get("keep_last_n_training_states", 2),
+    }
+    for key, value in positive.items():
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {key}={value!r}; set {key}=1 or more")
+    for key in ("max_steps_per_epoch", "save_every_n_steps"):
+        value = cfg.get(key, None)
+        if value is not None and (not _is_int(value) or value < 1):
+            what = "a whole epoch" if key == "max_steps_per_epoch" else "saving at epoch ends only"
+            raise ValueError(
+                f"{key} must be a positive integer or null ({what}), got {key}={value!r}; set {key}=1 or more, "
+                f"or {key}=null"
+            )
+    lr = cfg.optimizer.get("lr", None)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"optimizer.lr must be a positive number, got optimizer.lr={lr!r}; e.g. optimizer.lr=1e-3")
+
 
 def check_config(cfg: DictConfig) -> None:
     """Config errors that must surface before any heavy work (model build, checkpoint load, tokenisation).
 
     Raises:
-        ValueError: unknown ``medusa_version`` or stage, LoRA options on Medusa-1, a Medusa-2 model without LoRA,
-            a head-count mismatch with the head checkpoint in the checkpoint directories.
+        ValueError: unknown config keys, a non-positive count or learning rate, an unknown ``medusa_version`` or
+            stage, LoRA options on Medusa-1, a Medusa-2 model without LoRA, a head-count mismatch with the head
+            checkpoint in the checkpoint directories, an empty data file or an unreadable head checkpoint.
         FileNotFoundError: a missing data file or checkpoint directory.
     """
-    for key in ("model", "checkpointer", "dataset", "output_dir", "optimizer", "loss", "tokenizer"):
+    for key in (
+        "model",
+        "checkpointer",
+        "dataset",
+        "output_dir",
+        "optimizer",
+        "loss",
+        "tokenizer",
+        "epochs",
+        "batch_size",
+    ):
         if key not in cfg:
             raise ValueError(f"medusa_finetune: config is missing `{key}`; start from `tune cp` of a shipped config")
     version = cfg.get("medusa_version", 1)
@@ -121,6 +330,8 @@ def check_config(cfg: DictConfig) -> None:
             f"medusa_version=2 trains LoRA adapters with the heads, but the model {component!r} has no LoRA; use a "
             "lora_medusa_* or qlora_medusa_* builder"
         )
+    check_config_keys(cfg)  # after the LoRA checks, which say more about LoRA keys
+    check_numbers(cfg)
     parse_stages(cfg.get("stages", None), medusa_version=version)
     if cfg.get("medusa_lr_multiplier", 1.0) <= 0:
         raise ValueError(f"medusa_lr_multiplier must be > 0, got {cfg.medusa_lr_multiplier}")
@@ -148,6 +359,7 @@ def check_config(cfg: DictConfig) -> None:
                     " (run `python -m torchtune_medusa.assets prepare` for the offline assets)" if "medusa" in f else ""
                 )
                 raise FileNotFoundError(f"dataset file not found: {f}{hint}")
+            check_local_data_file("medusa_finetune", f)
     ckpt_dir = cfg.checkpointer.get("checkpoint_dir", None)
     if ckpt_dir is not None and not os.path.isdir(str(ckpt_dir)):
         raise FileNotFoundError(
@@ -180,8 +392,14 @@ def _heads_in_sidecar(directory: Path) -> Optional[int]:
         return None
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        heads = {k.split(".", 1)[0] for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            heads = {k.split(".", 1)[0] for k in f.keys()}
+    except Exception as e:
+        raise ValueError(
+            f"the head checkpoint {path} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
+            "truncated or corrupt: restore or rewrite it, or move it away to start new heads"
+        ) from e
     return len([h for h in heads if h.isdigit()]) or None
 
 
@@ -239,6 +457,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         )
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
+        self.dp_size, self.dp_rank = self.world_size, self.rank
 
         self._medusa_version = int(cfg.get("medusa_version", 1))
         self._stages: List[Stage] = parse_stages(cfg.get("stages", None), medusa_version=self._medusa_version)
@@ -267,8 +486,6 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             raise ValueError("optimizer_in_bwd does not support clip_grad_norm or gradient_accumulation_steps > 1")
         self._enable_activation_checkpointing = cfg.get("enable_activation_checkpointing", False)
         self._compile = cfg.get("compile", False)
-
-        self.seed = training.set_seed(seed=cfg.seed, debug_mode=cfg.get("cudnn_deterministic_mode", None))
         self.epochs_run = 0
         self.total_epochs = cfg.epochs
         self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
@@ -276,6 +493,81 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         self._epoch_step = 0  # optimizer steps already taken in the current epoch (mid-epoch resume)
         self._dataloader_state: Optional[Dict[str, Any]] = None
         self._final_metrics: Dict[str, Any] = {}
+
+        self._remove_stale_temp_files()
+        # the training state to resume from, checked before any heavy work (None: a new run)
+        self._resume_dir: Optional[Path] = None
+        self._resume_state: Optional[Dict[str, Any]] = None
+        seed = cfg.seed
+        if self._resume_from_checkpoint:
+            self._resume_dir, self._resume_state = self._check_training_state(cfg)
+            if self._resume_state["seed"] != seed:
+                utils.log_rank_zero(
+                    log, f"seed {seed} differs from the training state's {self._resume_state['seed']}; using the latter"
+                )
+                seed = self._resume_state["seed"]
+        self.seed = training.set_seed(seed=seed, debug_mode=cfg.get("cudnn_deterministic_mode", None))
+
+    def _remove_stale_temp_files(self) -> None:
+        """Rank 0 removes the temporary folders of killed runs in ``output_dir`` before anything is written."""
+        if self._is_rank_zero:
+            done = remove_stale_temp_files(self._output_dir)
+            if done:
+                log.info(
+                    f"Cleaned up {len(done)} temporary path(s) left in {self._output_dir} by an interrupted run: "
+                    + "; ".join(done)
+                )
+        dist.barrier()
+
+    def _resume_settings(self, cfg: DictConfig) -> Dict[str, Any]:
+        """This run's values of the settings that decide the data order (recorded in every training state)."""
+        return {
+            "batch_size": cfg.batch_size,
+            "shuffle": cfg.shuffle,
+            "gradient_accumulation_steps": self._gradient_accumulation_steps,
+            "max_steps_per_epoch": self.max_steps_per_epoch,
+        }
+
+    def _check_training_state(self, cfg: DictConfig) -> Tuple[Path, Dict[str, Any]]:
+        """Find and check the training state to resume from before any heavy work: it exists, its files open,
+        and it was written by the same model, number of processes and data-order settings.
+
+        Returns:
+            Tuple[Path, Dict[str, Any]]: its directory and its ``recipe_state.pt``.
+
+        Raises:
+            FileNotFoundError: no training state, or one of its files is missing.
+            RuntimeError: a corrupt file (named, with the newest earlier state that is intact).
+            ValueError: a state from another model, number of processes or data order.
+        """
+        path = find_latest_training_state(self._output_dir)
+        if path is None:
+            raise FileNotFoundError(
+                "resume_from_checkpoint=True but there is no training state in "
+                f"{self._output_dir / TRAINING_STATE_DIR} (written every save_every_n_steps and at epoch ends); "
+                "set resume_from_checkpoint=False to start a new run, or output_dir=<the run to resume>"
+            )
+        state = load_training_state_file(path, "recipe_state.pt")
+        heads = cfg.model.get("medusa_num_heads", None)
+        if heads is not None and state["num_heads"] != int(heads):
+            raise ValueError(
+                f"training state {path} has {state['num_heads']} heads, the model {heads}: resume with "
+                f"model.medusa_num_heads={state['num_heads']} (and checkpointer.medusa_num_heads)"
+            )
+        if state["medusa_version"] != self._medusa_version:
+            raise ValueError(
+                f"training state {path} is a Medusa-{state['medusa_version']} run, this config Medusa-"
+                f"{self._medusa_version}: resume with medusa_version={state['medusa_version']}"
+            )
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"training state {path} was written by {state['world_size']} processes; resume with the same number "
+                "(the dataloader order depends on it)"
+            )
+        check_resume_settings(path, state, self._resume_settings(cfg))
+        for name in ("trainable.pt", "optimizer.pt", f"rank_{self.rank}.pt"):
+            load_training_state_file(path, name, mmap=True)  # opens (cheap): a corrupt file fails here
+        return path, state
 
     # ------------------------------------------------------------------------------------------------------
     # Setup.
@@ -285,13 +577,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
 
-        self._checkpointer = config.instantiate(cfg.checkpointer)
-        checkpoint_dict = self._checkpointer.load_checkpoint()
-
-        self._model = self._setup_model(cfg, checkpoint_dict[training.MODEL_KEY])
-        del checkpoint_dict
+        # data first: its errors must not wait for the checkpoint to load
         self._tokenizer = config.instantiate(cfg.tokenizer)
-
         self._loss_fn = config.instantiate(cfg.loss)
         self._self_distill = isinstance(self._loss_fn, MedusaSelfDistillationLoss)
         if self._compile:
@@ -306,10 +593,19 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             self._steps_per_epoch = self.max_steps_per_epoch
         if self._steps_per_epoch < 1:
             raise ValueError(
-                f"the data set gives {len(self._dataloader)} batches per rank, fewer than gradient_accumulation_steps="
-                f"{self._gradient_accumulation_steps}: use more data or a smaller batch"
+                f"the data set gives {len(self._dataloader)} batches of batch_size={cfg.batch_size} per rank, fewer "
+                f"than gradient_accumulation_steps={self._gradient_accumulation_steps}: use more data, a smaller "
+                "batch_size or fewer gradient_accumulation_steps"
             )
         self._total_steps = self.total_epochs * self._steps_per_epoch
+        if self._resume_state is not None:
+            check_resume_settings(self._resume_dir, self._resume_state, {"num_samples": len(self._dataset)})
+
+        meta_model = self._build_meta_model(cfg)  # cheap: bad model arguments fail before the checkpoint loads
+        self._checkpointer = config.instantiate(cfg.checkpointer)
+        checkpoint_dict = self._checkpointer.load_checkpoint()
+        self._model = self._setup_model(cfg, meta_model, checkpoint_dict[training.MODEL_KEY])
+        del checkpoint_dict
 
         self._setup_optimizer(cfg.optimizer)
         self._lr_schedulers = self._setup_lr_schedulers(cfg.get("lr_scheduler", None))
@@ -324,13 +620,16 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         if self._cache_hidden:
             self._fill_hidden_cache(cfg, batch_size=cfg.batch_size)
 
-    def _setup_model(self, cfg: DictConfig, model_state_dict: Dict[str, Any]) -> nn.Module:
-        init_start = time.perf_counter()
+    def _build_meta_model(self, cfg: DictConfig) -> nn.Module:
+        """The model on the meta device (no memory, no weights)."""
         with training.set_default_dtype(self._dtype), torch.device("meta"):
             model = config.instantiate(cfg.model)
         if not hasattr(model, "medusa_heads") or not hasattr(model, "project"):
             raise ValueError(f"{cfg.model._component_} does not build a MedusaTransformerDecoder")
+        return model
 
+    def _setup_model(self, cfg: DictConfig, model: nn.Module, model_state_dict: Dict[str, Any]) -> nn.Module:
+        init_start = time.perf_counter()
         head_names = {f"medusa_heads.{n}" for n, _ in model.medusa_heads.named_parameters()}
         lora_names = {n for n in get_adapter_params(model) if n not in head_names}
         if self._medusa_version == 1 and lora_names:
@@ -375,7 +674,6 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
                 dp_mesh=device_mesh["dp"],
             )
-        self.dp_size, self.dp_rank = self.world_size, self.rank
         self._unshard_root_for_loss = self._sharded and not isinstance(model.output, nn.Module)
 
         with training.set_default_dtype(self._dtype), self._device:
@@ -670,7 +968,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                         "epoch_step": self._epoch_step,
                         "global_step": self.global_step,
                         "total_epochs": self.total_epochs,
-                        "max_steps_per_epoch": self.max_steps_per_epoch,
+                        **self._resume_settings(self._cfg),
+                        "num_samples": len(self._dataset),
                         "world_size": self.world_size,
                         "medusa_version": self._medusa_version,
                         "num_heads": self._model.num_medusa_heads,
@@ -695,36 +994,20 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         dist.barrier()
 
     def _load_training_state(self) -> None:
-        path = find_latest_training_state(self._output_dir)
-        if path is None:
-            raise FileNotFoundError(
-                "resume_from_checkpoint=True but there is no training state in "
-                f"{self._output_dir / TRAINING_STATE_DIR} (written every save_every_n_steps and at epoch ends)"
-            )
-        state = torch.load(path / "recipe_state.pt", weights_only=False)
-        if state["num_heads"] != self._model.num_medusa_heads:
-            raise ValueError(
-                f"training state {path} has {state['num_heads']} heads, the model {self._model.num_medusa_heads}"
-            )
-        if state["world_size"] != self.world_size:
-            raise ValueError(
-                f"training state {path} was written by {state['world_size']} processes; resume with the same number "
-                "(the dataloader order depends on it)"
-            )
-        if state["seed"] != self.seed:
-            log.warning(f"seed {self.seed} differs from the training state's {state['seed']}; using the latter")
-            self.seed = state["seed"]
-        weights = torch.load(path / "trainable.pt", weights_only=False)
+        """Load the training state checked by :meth:`_check_training_state` into the model, optimizers, LR
+        schedulers, counters, dataloader and RNG."""
+        path, state = self._resume_dir, self._resume_state
+        weights = load_training_state_file(path, "trainable.pt")
         load_full_tensors_inplace(self._model, weights, self._device)
         load_optimizer_state(
-            self._optimizers, torch.load(path / "optimizer.pt", weights_only=False), self._param_names, self._device
+            self._optimizers, load_training_state_file(path, "optimizer.pt"), self._param_names, self._device
         )
         for sched, sd in zip(self._lr_schedulers, state["lr_schedulers"]):
             sched.load_state_dict(sd)
         self.epochs_run = state["epochs_run"]
         self._epoch_step = state["epoch_step"]
         self.global_step = state["global_step"]
-        rank_state = torch.load(path / f"rank_{self.rank}.pt", weights_only=False)
+        rank_state = load_training_state_file(path, f"rank_{self.rank}.pt")
         self._dataloader_state = rank_state["dataloader"]
         torch.set_rng_state(rank_state["rng"])
         if rank_state.get("cuda_rng") is not None:
@@ -812,8 +1095,9 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         """The tree with the most expected tokens per second on this machine: the measured agreement table and
         the measured cost of T-token tree steps (possibly the empty tree, when plain decoding is faster)."""
         sizes = sorted({1, 2, 4, 8, 16, 32, 64, max_nodes + 1} & set(range(1, max_nodes + 2)))
-        step_cost = measure_step_cost(model, sizes, context_len=int(self._val_cfg.get("max_prompt_len", 128)),
-                                      repeats=3)
+        step_cost = measure_step_cost(
+            model, sizes, context_len=int(self._val_cfg.get("max_prompt_len", 128)), repeats=3
+        )
         best = calibrate_tree(agreement, step_cost, max_nodes=max_nodes)
         cost_ms = {t: round(c * 1e3, 2) for t, c in step_cost.items()}
         log.info(
@@ -861,6 +1145,10 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         current_stage = stage_at(self._stages, self.global_step)
         val_every = getattr(self, "_val_every", None)
 
+        if self.epochs_run >= self.total_epochs:
+            utils.log_rank_zero(
+                log, f"All {self.total_epochs} epochs are trained (step {self.global_step}): final validation and save"
+            )
         self._profiler.start()
         for curr_epoch in range(self.epochs_run, self.total_epochs):
             self._dataloader.sampler.set_epoch(curr_epoch)
@@ -970,8 +1258,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             pbar.close()
             self.epochs_run += 1
             self._epoch_step = 0
-            if self.epochs_run < self.total_epochs:
-                self._save_training_state()
+            # also after the last epoch: a failure in the final validation or save loses no training
+            self._save_training_state()
         self._profiler.stop()
         train_time = time.perf_counter() - t_start
 

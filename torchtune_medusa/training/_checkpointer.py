@@ -24,6 +24,7 @@ from torchtune_medusa.models._convert_weights import (
     MedusaHeadConfig,
     PREFIX,
 )
+from torchtune_medusa.training._recipe_utils import set_default_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +265,8 @@ class MedusaHFCheckpointer(FullModelHFCheckpointer):
         self.save_heads(heads, self._output_dir / f"epoch_{epoch}")
 
     def save_heads(self, heads: Dict[str, torch.Tensor], out_dir: Union[str, Path]) -> Path:
-        """Write ``heads`` (``medusa_heads.*`` keys) as ``medusa_lm_head.safetensors`` + ``medusa_config.json``.
+        """Write ``heads`` (``medusa_heads.*`` keys) as ``medusa_lm_head.safetensors`` + ``medusa_config.json``
+        (atomically, with the permissions of the process umask).
 
         Returns:
             Path: the sidecar's path.
@@ -290,6 +292,8 @@ class MedusaHFCheckpointer(FullModelHFCheckpointer):
         path = out_dir / HEAD_FILE
         atomic_save_safetensors(fd_sd, path)
         atomic_write_json(cfg.torchtune_json(), out_dir / MEDUSA_CONFIG_FILE)
+        for written in (path, out_dir / MEDUSA_CONFIG_FILE):  # readable as the umask allows, like torchtune's files
+            set_default_permissions(written)
         logger.info(f"Medusa heads ({cfg.num_heads} x {cfg.num_layers} blocks, {cfg.projection}) saved to {path}")
         return path
 

@@ -11,13 +11,15 @@
   heavy work;
 - the resumable training state: trainable weights (heads, adapters), optimizer state, dataloader state and
   counters, written atomically (temporary directory + rename) so that a killed run never leaves a half-written
-  checkpoint behind;
+  checkpoint behind; the temporary folders of killed runs are removed at the next start, and a corrupt state
+  file is reported by name together with the newest earlier state that is intact;
 - the Medusa-1 hidden-state cache: with a frozen backbone the normed hidden state of a sample never changes, so
   it is computed once, before training, and reused by every epoch.
 """
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -36,15 +38,20 @@ __all__ = [
     "Stage",
     "TRAINING_STATE_DIR",
     "atomic_directory",
+    "check_resume_settings",
     "find_latest_training_state",
     "gather_full_tensors",
     "indexed_collate",
     "init_process_group_for_recipe",
     "load_full_tensors_inplace",
     "load_optimizer_state",
+    "load_training_state_file",
     "medusa_shard_condition",
     "parse_stages",
+    "remove_stale_temp_files",
+    "RESUME_SETTINGS",
     "save_optimizer_state",
+    "set_default_permissions",
     "stage_at",
     "write_json_atomic",
 ]
@@ -165,10 +172,54 @@ def stage_at(stages: Sequence[Stage], global_step: int) -> Stage:
 # Atomic files and directories.
 
 
+#: Temporary names the recipe gives to what it is still writing, by folder (relative to ``output_dir``): the
+#: ``tempfile`` names of :class:`atomic_directory` and :func:`write_json_atomic` (8 characters of
+#: ``[a-z0-9_]`` after the prefix), the per-rank staging folder and the ``latest`` pointer of a training state, and
+#: a replaced folder moved aside (``.old_<name>_<pid>``). A run killed mid-write leaves them behind.
+_TEMP_NAME_PATTERNS = {
+    ".": (r"\.tmp_epoch_\d+_[a-z0-9_]{8}", r"\.tmp_metrics\.json_[a-z0-9_]{8}", r"\.old_epoch_\d+_\d+"),
+    TRAINING_STATE_DIR: (
+        r"\.tmp_step_\d+_[a-z0-9_]{8}",
+        r"\.staging_step_\d+",
+        r"\.latest\.tmp",
+        r"\.old_step_\d+_\d+",
+    ),
+}
+_MOVED_ASIDE = re.compile(r"\.old_(?P<name>(epoch|step)_\d+)_\d+")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_permissions(path: os.PathLike) -> None:
+    """Give ``path`` (and, for a directory, everything under it) the permissions that ``mkdir`` and ``open``
+    give under the process umask. ``tempfile``'s directories (0700) and files (0600) are private, and an atomic
+    write keeps them private after the rename; checkpoints should be readable by whoever the user's umask allows.
+
+    Args:
+        path (os.PathLike): a file or directory the caller has just written.
+    """
+    path = Path(path)
+    mask = _umask()
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~mask)
+        for root, dirs, files in os.walk(path):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~mask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 class atomic_directory:
     """Context manager giving a temporary directory next to ``final``; on success it replaces ``final`` with
     a rename (atomic on POSIX for a directory that does not exist yet; an existing one is first moved aside and
     removed after the rename). On an exception the temporary directory is removed and ``final`` is untouched.
+    The directory and its files get the permissions of the process umask (not ``tempfile``'s private ones).
 
     Example:
         >>> with atomic_directory(out / "step_000010") as tmp:
@@ -189,6 +240,7 @@ class atomic_directory:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        set_default_permissions(self.tmp)
         old = None
         if self.final.exists():
             old = self.final.with_name(f".old_{self.final.name}_{os.getpid()}")
@@ -199,14 +251,63 @@ class atomic_directory:
 
 
 def write_json_atomic(path: os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``."""
+    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace`` (umask permissions)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp_{path.name}_", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+    set_default_permissions(tmp)
     os.replace(tmp, path)
+
+
+def remove_stale_temp_files(output_dir: os.PathLike) -> List[str]:
+    """Remove what killed runs left half-written in ``output_dir``: the temporary epoch and training-state
+    folders, staging folders and temporary files named by the recipe's own patterns (nothing else is touched).
+    A folder moved aside by :class:`atomic_directory` whose replacement never arrived is renamed back instead.
+    Call it on rank 0 before the run writes anything.
+
+    Args:
+        output_dir (os.PathLike): the run's ``output_dir``.
+
+    Returns:
+        List[str]: one line per path removed or restored, e.g. ``"removed training_state/.tmp_step_0000010_ab12cd34
+        (12.0 MiB)"``, for the log.
+    """
+    output_dir = Path(output_dir)
+    done = []
+    for sub, patterns in _TEMP_NAME_PATTERNS.items():
+        folder = output_dir / sub
+        if not folder.is_dir():
+            continue
+        regex = re.compile("|".join(f"(?:{p})" for p in patterns))
+        for path in sorted(folder.iterdir()):
+            if not regex.fullmatch(path.name) or path.is_symlink():
+                continue
+            rel = path.relative_to(output_dir)
+            moved = _MOVED_ASIDE.fullmatch(path.name)
+            if moved and not (folder / moved["name"]).exists():
+                os.replace(path, folder / moved["name"])
+                done.append(f"restored {rel} as {rel.parent / moved['name']} (its replacement was never written)")
+                continue
+            size = _tree_size(path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            done.append(f"removed {rel} ({size / 2**20:.1f} MiB)")
+    return done
+
+
+def _tree_size(path: Path) -> int:
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training state: find, check and read.
 
 
 def find_latest_training_state(output_dir: os.PathLike) -> Optional[Path]:
@@ -217,6 +318,94 @@ def find_latest_training_state(output_dir: os.PathLike) -> Optional[Path]:
         return None
     path = root / pointer.read_text().strip()
     return path if path.is_dir() else None
+
+
+def _state_is_intact(state_dir: Path) -> bool:
+    """Whether every ``*.pt`` file of a training state opens (``mmap``: cheap, catches truncation and garbage)."""
+    files = sorted(state_dir.glob("*.pt"))
+    if not any(f.name == "recipe_state.pt" for f in files):
+        return False
+    try:
+        for f in files:
+            torch.load(f, weights_only=False, mmap=True, map_location="cpu")
+    except Exception:
+        return False
+    return True
+
+
+def _corrupt_state_message(path: Path, error: BaseException) -> str:
+    state_dir = path.parent
+    root = state_dir.parent
+    earlier = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name < state_dir.name), reverse=True)
+    intact = next((p for p in earlier if _state_is_intact(p)), None)
+    msg = f"training state file {path} is corrupt or unreadable ({type(error).__name__}: {error}). "
+    if intact is not None:
+        return msg + (
+            f"The earlier training state {intact} is intact: to resume from it, run "
+            f"`echo {intact.name} > {root / 'latest'}` and rerun with resume_from_checkpoint=True (the steps after "
+            "it are trained again)."
+        )
+    return msg + (
+        f"No earlier training state in {root} is intact: start again with resume_from_checkpoint=False (in a new "
+        "output_dir, or from trained heads with checkpointer.medusa_checkpoint_dir=<output_dir>/epoch_N)."
+    )
+
+
+def load_training_state_file(state_dir: os.PathLike, name: str, *, mmap: bool = False) -> Any:
+    """``torch.load`` one file of a training state, naming the file (and the newest earlier state that is intact,
+    with the command that resumes from it) when it is corrupt.
+
+    Args:
+        state_dir (os.PathLike): ``output_dir/training_state/step_N``.
+        name (str): file name, e.g. ``"trainable.pt"``.
+        mmap (bool): map the tensors instead of reading them (a cheap check that the file opens).
+
+    Returns:
+        Any: the loaded object.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        RuntimeError: the file cannot be read; the message names it and the way out.
+    """
+    path = Path(state_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(_corrupt_state_message(path, FileNotFoundError("missing")))
+    try:
+        return torch.load(path, weights_only=False, mmap=mmap, map_location="cpu" if mmap else None)
+    except Exception as e:
+        raise RuntimeError(_corrupt_state_message(path, e)) from e
+
+
+#: Settings that fix which samples each step sees; a training state records them and resuming with other values
+#: is refused (the run would not continue where it stopped).
+RESUME_SETTINGS = ("batch_size", "shuffle", "gradient_accumulation_steps", "max_steps_per_epoch", "num_samples")
+
+
+def check_resume_settings(state_dir: os.PathLike, saved: Dict[str, Any], current: Dict[str, Any]) -> None:
+    """Refuse to resume when a data-order setting differs from the one the training state was written with.
+
+    Args:
+        state_dir (os.PathLike): the training state being resumed (for the message).
+        saved (Dict[str, Any]): the training state's ``recipe_state.pt``.
+        current (Dict[str, Any]): this run's values of (some of) :data:`RESUME_SETTINGS`.
+
+    Raises:
+        ValueError: naming every changed setting, its old and new value, and how to proceed.
+    """
+    changed = [(k, saved[k], v) for k, v in current.items() if k in RESUME_SETTINGS and k in saved and saved[k] != v]
+    if not changed:
+        return
+    what = ", ".join(f"{k}={old!r} (this run: {new!r})" for k, old, new in changed)
+    keep = " ".join(f"{k}={'null' if old is None else old}" for k, old, _ in changed if k != "num_samples")
+    data = any(k == "num_samples" for k, _, _ in changed)
+    raise ValueError(
+        f"resume_from_checkpoint: the training state {state_dir} was written with {what}. These settings decide "
+        "which samples every step sees, so the run would not continue where it stopped. Resume with the same "
+        + (f"settings ({keep})" if keep else "settings")
+        + (" and the same data" if data else "")
+        + ", or train with the new ones from the start: resume_from_checkpoint=False in a new output_dir "
+        "(checkpointer.medusa_checkpoint_dir=<output_dir>/epoch_N starts from trained heads)."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
@@ -23,49 +23,138 @@ from torchtune import config, training, utils
 from torchtune.data import Message
 
 from torchtune_medusa._config import register_resolvers
-from torchtune_medusa.generation import generate, medusa_generate, resolve_choices
+from torchtune_medusa.generation import generate, medusa_generate, resolve_choices, TREE_FILENAME, validate_choices
 
 register_resolvers()
 logger = utils.get_logger("INFO")
 
 ACCEPTANCE_RULES = ("greedy", "typical")
+TREE_HELP = "a tree name (mc_sim_7b_63, chain<N>), a list of rank paths, or a tree .json saved by medusa_finetune"
 
 
-def load_tree(medusa_choices: Any) -> Any:
-    """A tree name (``mc_sim_7b_63``, ``chain4``), a list of rank paths, or the path of a tree JSON (as saved with
-    trained heads: ``{"medusa_choices": [...], ...}``)."""
-    if isinstance(medusa_choices, str) and medusa_choices.endswith(".json"):
+def _read_tree_file(path: Path, medusa_choices: str) -> List[Any]:
+    """The ``medusa_choices`` of a tree JSON (``{"medusa_choices": [...], ...}``), with errors naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"medusa_choices={medusa_choices!r}: no such tree file {path}; give {TREE_HELP}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"medusa_choices={medusa_choices!r}: the tree file {path} is not JSON ({e}); give {TREE_HELP}"
+        ) from None
+    if not isinstance(data, dict) or "medusa_choices" not in data:
+        raise ValueError(
+            f"medusa_choices={medusa_choices!r}: the tree file {path} has no 'medusa_choices' entry; give {TREE_HELP}"
+        )
+    return data["medusa_choices"]
+
+
+def load_tree(medusa_choices: Any, num_heads: Optional[int] = None) -> List[Tuple[int, ...]]:
+    """Read and check a tree (checked before the model loads).
+
+    Args:
+        medusa_choices (Any): a tree name (``mc_sim_7b_63``, ``chain4``), a list of rank paths, or the path of a tree
+            JSON (as saved with trained heads: ``{"medusa_choices": [...], ...}``) or of the folder holding it.
+        num_heads (Optional[int]): the model's Medusa heads, when known. A named tree deeper than the heads is cut
+            to their depth (as ``medusa_generate``'s default tree is); a tree given as paths or a file must fit.
+
+    Returns:
+        List[Tuple[int, ...]]: the tree's rank paths.
+
+    Raises:
+        FileNotFoundError: a missing tree file.
+        ValueError: an unknown name, a file that is not a tree JSON, or an invalid tree (the message names it).
+    """
+    named = False
+    if isinstance(medusa_choices, str) and (medusa_choices.endswith(".json") or os.path.isdir(medusa_choices)):
         path = Path(medusa_choices).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"medusa_choices={medusa_choices!r}: no such tree file")
-        return json.loads(path.read_text())["medusa_choices"]
-    if isinstance(medusa_choices, ListConfig):
-        return OmegaConf.to_container(medusa_choices)
-    return resolve_choices(medusa_choices)
+        paths = _read_tree_file(path / TREE_FILENAME if path.is_dir() else path, medusa_choices)
+    elif isinstance(medusa_choices, ListConfig):
+        paths = OmegaConf.to_container(medusa_choices)
+    else:
+        named = isinstance(medusa_choices, str)
+        try:
+            paths = resolve_choices(medusa_choices)
+        except ValueError as e:
+            raise ValueError(f"medusa_choices={medusa_choices!r}: {e}") from None
+    try:
+        paths = validate_choices(paths)
+    except ValueError as e:
+        raise ValueError(f"medusa_choices={medusa_choices!r}: {e}; give {TREE_HELP}") from None
+    if num_heads is None or all(len(p) <= num_heads for p in paths):
+        return paths
+    if named:
+        logger.info(f"medusa_choices={medusa_choices}: paths deeper than the model's {num_heads} heads left out")
+        return [p for p in paths if len(p) <= num_heads]
+    deepest = max(paths, key=len)
+    raise ValueError(
+        f"medusa_choices={medusa_choices!r}: path {list(deepest)} has depth {len(deepest)} but the model has only "
+        f"{num_heads} Medusa heads (model.medusa_num_heads); give a tree calibrated for these heads, or a tree name "
+        "(it is cut to the heads' depth)"
+    )
+
+
+def _jsonl_prompts(path: Path) -> List[str]:
+    prompts = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            turns = json.loads(line)["conversations"]
+            prompts.extend(t["value"] for t in turns[:1] if t["from"] == "human")
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+            raise ValueError(
+                f"prompt_file={str(path)!r} line {i + 1} is not a ShareGPT record ({type(e).__name__}: {e}); a .jsonl "
+                'prompt file needs {"conversations": [{"from": "human", "value": ...}, ...]} per line (or use a '
+                "text file with one prompt per line)"
+            ) from None
+    return prompts
 
 
 def read_prompts(cfg: DictConfig) -> List[str]:
     """``prompts`` (a list of strings) and/or ``prompt_file`` (one prompt per line, or a ShareGPT JSONL whose
-    first human turn is the prompt), at most ``max_prompts``."""
+    first human turn is the prompt), at most ``max_prompts``.
+
+    Raises:
+        FileNotFoundError: a missing prompt file.
+        ValueError: a malformed JSONL line (named), or no prompts at all.
+    """
     prompts = [str(p) for p in cfg.get("prompts") or []]
     prompt_file = cfg.get("prompt_file")
     if prompt_file:
         path = Path(prompt_file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"prompt_file={prompt_file!r} does not exist")
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                turns = json.loads(line)["conversations"]
-                prompts.extend(t["value"] for t in turns[:1] if t["from"] == "human")
-            else:
-                prompts.append(line)
+            raise FileNotFoundError(
+                f"prompt_file={prompt_file!r} does not exist; give a text file (one prompt per line) or a ShareGPT "
+                ".jsonl"
+            )
+        if path.suffix == ".jsonl":
+            prompts.extend(_jsonl_prompts(path))
+        else:
+            prompts.extend(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
     max_prompts = cfg.get("max_prompts")
     prompts = prompts[:max_prompts] if max_prompts else prompts
     if not prompts:
         raise ValueError("no prompts: set `prompts=[...]` or `prompt_file=...` in the config or on the command line")
     return prompts
+
+
+def check_sampling(cfg: DictConfig) -> None:
+    """``acceptance``, ``temperature`` and ``max_new_tokens``.
+
+    Raises:
+        ValueError: a value out of range (the message names it and the valid range).
+    """
+    if cfg.get("acceptance", "greedy") not in ACCEPTANCE_RULES:
+        raise ValueError(f"acceptance={cfg.acceptance!r}; choose one of {ACCEPTANCE_RULES}")
+    if cfg.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    temperature = cfg.get("temperature", 0.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(
+            f"temperature={temperature!r}: must be a number >= 0 (0 = greedy decoding, > 0 samples); "
+            "set e.g. temperature=0.0 or temperature=0.7"
+        )
 
 
 class MedusaGenerateRecipe:
@@ -81,21 +170,24 @@ class MedusaGenerateRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         self._device = utils.get_device(device=cfg.device)
         self._dtype = training.get_dtype(dtype=cfg.dtype, device=self._device)
-        if cfg.get("acceptance", "greedy") not in ACCEPTANCE_RULES:
-            raise ValueError(f"acceptance={cfg.acceptance!r}; choose one of {ACCEPTANCE_RULES}")
-        if cfg.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+        check_sampling(cfg)
         training.set_seed(seed=cfg.get("seed"))
 
     def setup(self, cfg: DictConfig) -> None:
+        """Check the tree and read and tokenize the prompts, then load the model."""
+        tree_cfg = cfg.get("medusa_choices", "mc_sim_7b_63")
+        num_heads = cfg.model.get("medusa_num_heads")
+        self._tree = load_tree(tree_cfg, num_heads)
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._prompts = [(prompt, self.prompt_tokens(prompt, cfg)) for prompt in read_prompts(cfg)]
         checkpointer = config.instantiate(cfg.checkpointer)
         state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
         with training.set_default_dtype(self._dtype), self._device:
             self._model: nn.Module = config.instantiate(cfg.model)
         self._model.load_state_dict(state_dict)
         self._model.eval()
-        self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._tree = load_tree(cfg.get("medusa_choices", "mc_sim_7b_63"))
+        if num_heads is None:  # the builder's default: known now
+            self._tree = load_tree(tree_cfg, self._model.num_medusa_heads)
 
     def prompt_tokens(self, prompt: str, cfg: DictConfig) -> List[int]:
         if not cfg.get("chat", True):
@@ -108,39 +200,62 @@ class MedusaGenerateRecipe:
         messages.append(Message(role="assistant", content=""))
         return self._tokenizer({"messages": messages}, inference=True)["tokens"]
 
-    def generate(self, cfg: DictConfig) -> Dict[str, Any]:
+    def generate_one(self, prompt: str, tokens: Sequence[int], cfg: DictConfig) -> Dict[str, Any]:
+        """Decode one prompt with Medusa (and the baseline when ``compare_baseline``); print and return its row."""
         stop_tokens = list(getattr(self._tokenizer, "stop_tokens", []))
-        common = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.get("temperature", 0.0),
-                      stop_tokens=stop_tokens, seed=cfg.get("seed"))
-        results = []
-        for prompt in read_prompts(cfg):
-            tokens = self.prompt_tokens(prompt, cfg)
-            medusa = medusa_generate(
-                self._model,
-                [tokens],
-                medusa_choices=self._tree,
-                acceptance=cfg.get("acceptance", "greedy"),
-                posterior_threshold=cfg.get("posterior_threshold", 0.09),
-                posterior_alpha=cfg.get("posterior_alpha", 0.3),
-                **common,
+        common = dict(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.get("temperature", 0.0),
+            stop_tokens=stop_tokens,
+            seed=cfg.get("seed"),
+        )
+        medusa = medusa_generate(
+            self._model,
+            [list(tokens)],
+            medusa_choices=self._tree,
+            acceptance=cfg.get("acceptance", "greedy"),
+            posterior_threshold=cfg.get("posterior_threshold", 0.09),
+            posterior_alpha=cfg.get("posterior_alpha", 0.3),
+            **common,
+        )
+        row = {
+            "prompt": prompt,
+            "prompt_tokens": len(tokens),
+            "text": self._tokenizer.decode(medusa.tokens[0]),
+            "medusa": medusa.stats.to_dict(),
+        }
+        print(f"\n>>> {prompt}\n{row['text']}")
+        summary = f"tau {medusa.stats.mean_accepted:.2f} tokens/step, {medusa.stats.tokens_per_second:.1f} tokens/s"
+        if cfg.get("compare_baseline", False):
+            baseline = generate(self._model, [list(tokens)], **common)
+            row["baseline"] = baseline.stats.to_dict()
+            row["same_tokens_as_baseline"] = baseline.tokens == medusa.tokens
+            speedup = medusa.stats.tokens_per_second / max(baseline.stats.tokens_per_second, 1e-9)
+            summary += (
+                f"; baseline {baseline.stats.tokens_per_second:.1f} tokens/s, speedup {speedup:.2f}x, "
+                f"same output: {row['same_tokens_as_baseline']}"
             )
-            row = {"prompt": prompt, "prompt_tokens": len(tokens),
-                   "text": self._tokenizer.decode(medusa.tokens[0]), "medusa": medusa.stats.to_dict()}
-            print(f"\n>>> {prompt}\n{row['text']}")
-            summary = (f"tau {medusa.stats.mean_accepted:.2f} tokens/step, "
-                       f"{medusa.stats.tokens_per_second:.1f} tokens/s")
-            if cfg.get("compare_baseline", False):
-                baseline = generate(self._model, [tokens], **common)
-                row["baseline"] = baseline.stats.to_dict()
-                row["same_tokens_as_baseline"] = baseline.tokens == medusa.tokens
-                summary += (f"; baseline {baseline.stats.tokens_per_second:.1f} tokens/s, speedup "
-                            f"{medusa.stats.tokens_per_second / max(baseline.stats.tokens_per_second, 1e-9):.2f}x, "
-                            f"same output: {row['same_tokens_as_baseline']}")
-            print(f"[{summary}]")
-            results.append(row)
-        return {"config": OmegaConf.to_container(cfg, resolve=True), "results": results,
-                "mean_tau": sum(r["medusa"]["mean_accepted"] for r in results) / len(results),
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        print(f"[{summary}]")
+        return row
+
+    def generate(self, cfg: DictConfig) -> Dict[str, Any]:
+        """Decode every prompt. A prompt that fails (e.g. too long for the model) is reported with its error and
+        the others are still decoded: the report holds a row per prompt, ``error`` on the failed ones."""
+        results = []
+        for prompt, tokens in self._prompts:
+            try:
+                results.append(self.generate_one(prompt, tokens, cfg))
+            except (ValueError, RuntimeError) as e:  # RuntimeError: e.g. out of memory for a long prompt
+                logger.error(f"prompt {prompt[:60]!r} ({len(tokens)} tokens) failed: {e}")
+                results.append({"prompt": prompt, "prompt_tokens": len(tokens), "error": f"{type(e).__name__}: {e}"})
+        taus = [r["medusa"]["mean_accepted"] for r in results if "error" not in r]
+        return {
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "results": results,
+            "failed": sum("error" in r for r in results),
+            "mean_tau": sum(taus) / len(taus) if taus else None,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
 
 
 def write_json_atomically(path: Path, obj: Any) -> None:
@@ -151,14 +266,20 @@ def write_json_atomically(path: Path, obj: Any) -> None:
 
 
 @config.parse
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> int:
     config.log_config(recipe_name="MedusaGenerateRecipe", cfg=cfg)
     recipe = MedusaGenerateRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)
     report = recipe.generate(cfg=cfg)
     out = Path(cfg.output_dir) / "generate_results.json"
     write_json_atomically(out, report)
-    print(f"\nmean tau {report['mean_tau']:.2f} over {len(report['results'])} prompt(s); results written to {out}")
+    done = len(report["results"]) - report["failed"]
+    if done:
+        print(f"\nmean tau {report['mean_tau']:.2f} over {done} prompt(s); results written to {out}")
+    if report["failed"]:
+        print(f"error: {report['failed']} prompt(s) failed (see 'error' in {out})", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,17 +3,21 @@
 #
 # This source code is licensed under the BSD-style license found in the
 # LICENSE file in the root directory of this source tree.
-"""The medusa_generate recipe end to end on a tiny HF checkpoint, through the tune CLI."""
+"""The medusa_generate recipe end to end on a tiny HF checkpoint, through the tune CLI (and in-process)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.common import TINY_CHAT_ARGS, write_tiny_hf_checkpoint
+from torchtune_medusa.generation import MC_SIM_7B_63
 
+REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).parent / "tune")
 
 
@@ -22,12 +26,17 @@ def hf_dir(tmp_path_factory):
     return write_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_hf"))
 
 
-def tune_run_generate(hf_dir, out, *overrides):
+def tiny_overrides(hf_dir, out, tree="chain3"):
+    """The shipped smollm2/135M_generate config on the tiny checkpoint (3 heads, as shipped)."""
     model_args = [f"model.{k}={v}" for k, v in TINY_CHAT_ARGS.items()]
-    cmd = [TUNE, "run", "medusa_generate", "--config", "smollm2/135M_generate",
-           "model._component_=torchtune_medusa.models.medusa_smollm2", "model.rope_base=10000", *model_args,
-           f"checkpointer.checkpoint_dir={hf_dir}", f"output_dir={out}", "max_new_tokens=12",
-           "medusa_choices=chain3", *overrides]
+    return ["model._component_=torchtune_medusa.models.medusa_smollm2", "model.rope_base=10000", *model_args,
+            f"checkpointer.checkpoint_dir={hf_dir}", f"output_dir={out}", "max_new_tokens=12",
+            *([f"medusa_choices={tree}"] if tree else [])]  # fmt: skip
+
+
+def tune_run_generate(hf_dir, out, *overrides, tree="chain3"):
+    cmd = [TUNE, "run", "medusa_generate", "--config", "smollm2/135M_generate", *tiny_overrides(hf_dir, out, tree),
+           *overrides]  # fmt: skip
     return subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=600)
 
 
@@ -56,3 +65,107 @@ def test_generate_recipe_bad_input(hf_dir, tmp_path, override, message):
     result = tune_run_generate(hf_dir, tmp_path / "out", override)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
+
+
+def _recipe_module():
+    spec = importlib.util.spec_from_file_location("medusa_generate_recipe", REPO / "recipes" / "medusa_generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+recipe_mod = _recipe_module()
+
+
+def recipe_cfg(hf_dir, out, *overrides, tree="chain3"):
+    cfg = OmegaConf.load(REPO / "configs" / "smollm2" / "135M_generate.yaml")
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([*tiny_overrides(hf_dir, out, tree), *overrides]))
+
+
+def run_recipe(cfg):
+    """The recipe's main, in-process (without ``config.parse``): its exit status."""
+    return recipe_mod.main.__wrapped__(cfg)
+
+
+def test_shipped_config_runs_as_shipped(hf_dir, tmp_path):
+    """Issue 14.2: the shipped config's mc_sim_7b_63 (depth 4) failed with its 3 heads, after the model loaded."""
+    out = tmp_path / "out"
+    result = tune_run_generate(hf_dir, out, "prompts=[hello world]", tree=None)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "generate_results.json").read_text())
+    assert report["config"]["medusa_choices"] == "mc_sim_7b_63"
+    assert report["results"][0]["same_tokens_as_baseline"] is True
+    # cut to the heads' depth, like medusa_generate's own default
+    mc = recipe_mod.load_tree("mc_sim_7b_63", num_heads=3)
+    assert max(map(len, mc)) == 3 and set(mc) == {tuple(p) for p in MC_SIM_7B_63 if len(p) <= 3}
+    assert recipe_mod.load_tree("chain5", num_heads=3) == [(0,), (0, 0), (0, 0, 0)]
+
+
+def _bad_tree_file(tmp_path):
+    bad = tmp_path / "tree.json"
+    bad.write_text("[[0], [0, 0]")  # cut short
+    return bad
+
+
+@pytest.mark.parametrize(
+    "override, error, message",
+    [
+        # a tree given as paths or a file must fit the heads: named, with the fix (issue 14.2)
+        ("medusa_choices=[[0],[0,0],[0,0,0],[0,0,0,0]]", ValueError, r"path \[0, 0, 0, 0\] has depth 4 but the model "
+         r"has only 3 Medusa heads \(model.medusa_num_heads\); give a tree calibrated for these heads"),
+        ("medusa_choices=[[0],[3,1]]", ValueError, r"path \[3, 1\] needs its prefix \[3\]"),
+        ("medusa_choices=chian3", ValueError, r"medusa_choices='chian3': unknown tree name"),
+        # a tree file that is not JSON names the file (issue 14.8)
+        ("medusa_choices={bad_tree}", ValueError, r"the tree file .*tree.json is not JSON .*; give a tree name"),
+        ("medusa_choices=/nonexistent/tree.json", FileNotFoundError, "no such tree file"),
+        # temperature=-1 decoded greedily (issue 14.7)
+        ("temperature=-1", ValueError, r"temperature=-1: must be a number >= 0 \(0 = greedy"),
+        ("prompt_file=/nonexistent/prompts.txt", FileNotFoundError, "prompt_file='/nonexistent/prompts.txt' does not"),
+        ("prompt_file={bad_jsonl}", ValueError, r"prompts.jsonl' line 2 is not a ShareGPT record"),
+    ],
+)  # fmt: skip
+def test_inputs_are_checked_before_the_model_loads(hf_dir, tmp_path, override, error, message):
+    """Issue 14.9: the tree and the prompt file were checked only after the model had loaded. The checkpoint folder
+    does not exist here, so these errors come first or not at all."""
+    bad_jsonl = tmp_path / "prompts.jsonl"
+    bad_jsonl.write_text('{"conversations": [{"from": "human", "value": "hi"}]}\n{"id": 1}\n')
+    override = override.format(bad_tree=_bad_tree_file(tmp_path), bad_jsonl=bad_jsonl)
+    cfg = recipe_cfg(hf_dir, tmp_path / "out", override, "checkpointer.checkpoint_dir=/nonexistent/model",
+                     f"tokenizer.path={hf_dir}")  # fmt: skip
+    with pytest.raises(error, match=message):
+        run_recipe(cfg)
+    # and through the CLI, with a real checkpoint, before any decoding
+    if override.startswith("temperature"):
+        result = tune_run_generate(hf_dir, tmp_path / "out", override)
+        assert result.returncode != 0 and "temperature=-1" in result.stderr and ">>>" not in result.stdout
+
+
+def test_a_failing_prompt_keeps_the_others(hf_dir, tmp_path):
+    """Issue 14.9: a too-long prompt after two decoded ones ended the run without generate_results.json."""
+    long_prompt = " ".join(["hello world"] * 200)  # far beyond the tiny model's max_seq_len of 256
+    out = tmp_path / "out"
+    cfg = recipe_cfg(hf_dir, out, "compare_baseline=false")
+    cfg.prompts = ["hello world", long_prompt, "the cat"]
+    assert run_recipe(cfg) == 1
+    report = json.loads((out / "generate_results.json").read_text())
+    rows = report["results"]
+    assert [r["prompt"] for r in rows] == cfg.prompts and report["failed"] == 1
+    assert "error" not in rows[0] and "error" not in rows[2] and rows[0]["text"] and rows[2]["medusa"]
+    assert "tokens but the KV cache can hold only 256" in rows[1]["error"]
+    assert report["mean_tau"] == (rows[0]["medusa"]["mean_accepted"] + rows[2]["medusa"]["mean_accepted"]) / 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_heads_file_is_named(hf_dir, tmp_path, damage):
+    """Issue 14.8: a truncated or garbage medusa_lm_head.safetensors ended in a bare SafetensorError."""
+    from tests.common import tiny_medusa
+    from torchtune_medusa.models import export_heads
+
+    heads = tmp_path / "heads"
+    export_heads(tiny_medusa(own_projection=False), heads, format="torchtune")
+    path = heads / "medusa_lm_head.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 100)
+    cfg = recipe_cfg(hf_dir, tmp_path / "out", f"checkpointer.medusa_checkpoint_dir={heads}")
+    with pytest.raises(ValueError, match=f"{path} is not a readable safetensors file.*truncated or corrupt"):
+        run_recipe(cfg)

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -231,6 +231,70 @@ def load_model(args):
     return _load_hf(path, args.heads, "medusa_smollm2_135m", "LLAMA3", args.num_heads)
 
 
+# ------------------------------------------------------------------------------------------------ arguments
+
+
+def builtin_trees(num_heads: int) -> Dict[str, List]:
+    """The trees every run compares besides ``calibrated`` and ``trained``, by name, for ``num_heads`` heads."""
+    trees: Dict[str, List] = {f"chain{d}": chain(d) for d in sorted({1, min(3, num_heads)})}
+    trees["topk4-2-1" if num_heads >= 3 else "topk4"] = topk_per_head_tree([4, 2, 1][: min(3, num_heads)])
+    if num_heads >= 4:
+        trees["mc_sim_7b_63"] = MC_SIM_7B_63
+    else:
+        trees[f"mc_sim_7b_63[depth<={num_heads}]"] = [p for p in MC_SIM_7B_63 if len(p) <= num_heads]
+    return trees
+
+
+# Every name --trees accepts (which ones a run has depends on its heads and on --medusa-choices).
+TREE_NAMES = [*dict.fromkeys(n for k in range(1, 5) for n in builtin_trees(k)), "calibrated", "trained"]
+
+
+def parse_trees(text: str) -> List[str]:
+    """``--trees``: comma-separated names from :data:`TREE_NAMES` (empty: every tree).
+
+    Raises:
+        ValueError: unknown names (the message names them and the valid ones).
+    """
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TREE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown tree name(s) {', '.join(unknown)}; valid names: {', '.join(TREE_NAMES)}")
+    return names
+
+
+def parse_step_sizes(text: str) -> List[int]:
+    """``--step-sizes``: comma-separated tree sizes T >= 1, returned sorted without repeats.
+
+    Raises:
+        ValueError: anything else (the message names the bad entry).
+    """
+    sizes = set()
+    for entry in text.split(","):
+        if not entry.strip().isdigit() or int(entry) < 1:
+            raise ValueError(f"{text!r} has {entry.strip()!r}; give comma-separated integers >= 1, e.g. 1,4,16,64")
+        sizes.add(int(entry))
+    return sorted(sizes)
+
+
+def load_trained_tree(path: str, num_heads: Optional[int] = None) -> List:
+    """The ``--medusa-choices`` tree (a ``medusa_choices.json``), checked against the heads when known.
+
+    Raises:
+        ValueError: a missing or unreadable file, or a tree deeper than the heads (the message names the file).
+    """
+    try:
+        tree = load_tree(path)[0]
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{path}: not a readable tree file ({type(e).__name__}: {e}); give a medusa_choices.json written by "
+            "medusa_finetune or calibrate_tree"
+        ) from None
+    depth = max(map(len, tree), default=0)
+    if num_heads is not None and depth > num_heads:
+        raise ValueError(f"{path}: the tree is {depth} deep but the model has only {num_heads} Medusa heads")
+    return tree
+
+
 # ------------------------------------------------------------------------------------------------ measurements
 
 
@@ -283,12 +347,37 @@ def step_cost_and_eviction(model, sizes, context_len, repeats) -> Dict[str, obje
     }
 
 
+def _trained_tree_or_exit(args, num_heads: int) -> Optional[List]:
+    """The ``--medusa-choices`` tree (also the one found next to ``--checkpoint``), checked before any timing."""
+    if not args.medusa_choices:
+        return None
+    try:
+        return load_trained_tree(args.medusa_choices, num_heads)
+    except ValueError as e:
+        raise SystemExit(f"--medusa-choices {e}") from None
+
+
+def _selected_trees_or_exit(args, num_heads: int, has_trained: bool) -> List[str]:
+    """``--trees``, checked against the trees this model has, before any timing."""
+    available = [*builtin_trees(num_heads), "calibrated", *(["trained"] if has_trained else [])]
+    selected = parse_trees(args.trees)
+    missing = [n for n in selected if n not in available]
+    if missing:
+        raise SystemExit(
+            f"--trees: {', '.join(missing)} not available with this model ({num_heads} heads"
+            f"{'' if has_trained else ', no --medusa-choices'}); available: {', '.join(available)}"
+        )
+    return selected
+
+
 def run(args) -> Dict[str, object]:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, tokenizer = load_model(args)
     model = model.to(device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     k = model.num_medusa_heads
+    trained = _trained_tree_or_exit(args, k)
+    selected = _selected_trees_or_exit(args, k, trained is not None)
     vocab = model.tok_embeddings.num_embeddings
     stop = [int(t) for t in args.stop_tokens.split(",") if t] if args.stop_tokens else []
     calib_prompts = None
@@ -314,7 +403,7 @@ def run(args) -> Dict[str, object]:
     base_outs = [generate(model, [p], max_new_tokens=args.max_new_tokens, stop_tokens=stop).tokens[0] for p in prompts]
 
     # Step cost curve and eviction cost.
-    sizes = sorted({int(t) for t in args.step_sizes.split(",")})
+    sizes = parse_step_sizes(args.step_sizes)
     sc = step_cost_and_eviction(model, sizes, args.context_len, args.cost_repeats)
     _log(
         "step cost relative to T=1: " + ", ".join(f"T={t}: {v:.2f}x" for t, v in sc["step_cost_relative_to_T1"].items())
@@ -347,20 +436,15 @@ def run(args) -> Dict[str, object]:
         f"{calibrated.expected_tokens_per_step:.2f}, predicted speedup {calibrated.expected_speedup:.2f}x"
     )
 
-    trees: Dict[str, List] = {}
-    for d in sorted({1, min(3, k)}):
-        trees[f"chain{d}"] = chain(d)
-    trees["topk4-2-1" if k >= 3 else "topk4"] = topk_per_head_tree([4, 2, 1][: min(3, k)])
-    if k >= 4:
-        trees["mc_sim_7b_63"] = MC_SIM_7B_63
-    else:
-        trees[f"mc_sim_7b_63[depth<={k}]"] = [p for p in MC_SIM_7B_63 if len(p) <= k]
+    trees = builtin_trees(k)
     if calibrated.medusa_choices:
         trees["calibrated"] = calibrated.medusa_choices
-    if args.medusa_choices:
-        trees["trained"] = load_tree(args.medusa_choices)[0]  # e.g. the tree medusa_finetune saved
-    if args.trees:
-        trees = {n: trees[n] for n in args.trees.split(",") if n in trees} or trees
+    elif "calibrated" in selected:
+        _log("the calibrated tree is empty (no guess pays off on this hardware): not run")
+    if trained is not None:
+        trees["trained"] = trained  # e.g. the tree medusa_finetune saved
+    if selected:
+        trees = {n: trees[n] for n in selected if n in trees}
 
     # Warm-up, then interleaved repeats: baseline and every tree in each round.
     generate(model, [prompts[0]], max_new_tokens=4)
@@ -510,7 +594,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--trees", default="", help="comma-separated subset of tree names to run")
+    p.add_argument("--trees", default="", help=f"comma-separated subset of the trees to run: {', '.join(TREE_NAMES)}")
     p.add_argument("--max-nodes", type=int, default=63, help="largest calibrated tree")
     p.add_argument("--step-sizes", default="1,4,16,32,64")
     p.add_argument("--context-len", type=int, default=256)
@@ -529,6 +613,16 @@ def main(argv=None) -> int:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.prompt_file and not Path(args.prompt_file).expanduser().is_file():
         p.error(f"--prompt-file {args.prompt_file}: no such file (held-out split: <cache>/sharegpt/heldout.jsonl)")
+    for flag, check in (("--trees", parse_trees), ("--step-sizes", parse_step_sizes)):
+        try:
+            check(getattr(args, flag[2:].replace("-", "_")))
+        except ValueError as e:
+            p.error(f"{flag}: {e}")
+    if args.medusa_choices:
+        try:
+            load_trained_tree(args.medusa_choices)
+        except ValueError as e:
+            p.error(f"--medusa-choices {e}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -107,3 +107,65 @@ def test_bad_arguments_are_rejected_by_name(bench, argv, match, capsys, tmp_path
     with pytest.raises(SystemExit):
         bench.main(argv + ["--out", str(tmp_path)])
     assert match in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_heavy_work(bench, monkeypatch):
+    """Fails a test that reaches the model load, the baseline or the step-cost timing."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("heavy work started before the arguments were checked")
+
+    monkeypatch.setattr(bench, "load_model", forbidden)
+    monkeypatch.setattr(bench, "generate", forbidden)
+    monkeypatch.setattr(bench, "step_cost_and_eviction", forbidden)
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        # issue 14.7: a typo ran every tree
+        (["--trees", "chian3,typo"], "--trees: unknown tree name(s) chian3, typo; valid names: chain1, "),
+        (["--trees", "chain1,mc_sim"], "unknown tree name(s) mc_sim; valid names: "),
+        # issue 14.9: checked only after the baseline and the cost timing
+        (["--step-sizes", "1,4,x"], "--step-sizes: '1,4,x' has 'x'; give comma-separated integers >= 1"),
+        (["--step-sizes", "0,4"], "--step-sizes: '0,4' has '0'; give comma-separated integers >= 1"),
+        (["--medusa-choices", "/nonexistent/medusa_choices.json"], "--medusa-choices /nonexistent/medusa_choices.json"),
+    ],
+)
+def test_bad_trees_and_step_sizes_fail_before_any_work(bench, no_heavy_work, argv, match, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--model", "tiny", "--out", str(tmp_path)])
+    assert match in capsys.readouterr().err
+
+
+def test_a_tree_file_that_is_not_json_is_named(bench, no_heavy_work, capsys, tmp_path):
+    tree = tmp_path / "medusa_choices.json"
+    tree.write_text('{"medusa_choices": [[0], [0, 0]')
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "tiny", "--medusa-choices", str(tree), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"--medusa-choices {tree}: not a readable tree file (JSONDecodeError" in err and "medusa_finetune" in err
+
+
+def test_trees_the_model_lacks_fail_before_the_baseline(bench, monkeypatch, tmp_path):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the baseline ran before the trees were checked")
+
+    real_load, real_generate = bench.load_model, bench.generate
+
+    def load_then_forbid_decoding(args):
+        monkeypatch.setattr(bench, "generate", real_generate)  # the tiny model trains its heads on its own output
+        loaded = real_load(args)
+        monkeypatch.setattr(bench, "generate", forbidden)
+        monkeypatch.setattr(bench, "step_cost_and_eviction", forbidden)
+        return loaded
+
+    monkeypatch.setattr(bench, "load_model", load_then_forbid_decoding)
+    argv = ["--model", "tiny", "--num-heads", "2", "--threads", "1", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"--trees: chain3, trained not available with this model \(2 heads, no "):
+        bench.main(argv + ["--trees", "chain1,chain3,trained"])
+    deep = tmp_path / "deep.json"
+    deep.write_text(json.dumps({"medusa_choices": [[0], [0, 0], [0, 0, 0]]}))
+    with pytest.raises(SystemExit, match=f"--medusa-choices {deep}: the tree is 3 deep but the model has only 2"):
+        bench.main(argv + ["--medusa-choices", str(deep)])

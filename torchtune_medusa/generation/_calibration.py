@@ -22,7 +22,9 @@ cost curve are measured.
 """
 
 import json
+import logging
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,9 +33,20 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from torchtune_medusa.generation._kv import kv_caches, scoped_kv_cache
+from torchtune_medusa.generation._kv import kv_caches
+from torchtune_medusa.generation._step import (
+    Acceptance,
+    cache_len_for,
+    DecodeState,
+    decoding_scope,
+    step_functions,
+    sync,
+    tree_step,
+)
 from torchtune_medusa.generation._tree import build_tree_buffers, grow_tree
 from torchtune_medusa.generation._tree import Path as RankPath
+
+log = logging.getLogger(__name__)
 
 TREE_FILENAME = "medusa_choices.json"
 TREE_FORMAT = "torchtune_medusa.tree/1"
@@ -96,12 +109,14 @@ def measure_head_accuracies(
     return hits / counts.clamp(min=1)[:, None]
 
 
-def _tree_step_inputs(t: int, length: int, cache_len: int, device):
-    mask = torch.zeros(1, t, cache_len, dtype=torch.bool, device=device)
-    mask[:, :, :length] = True
-    mask[0, :, length : length + t] = torch.tril(torch.ones(t, t, dtype=torch.bool, device=device))
-    pos = torch.arange(length, length + t, device=device)[None]
-    return mask, pos
+def step_cost_tree(tree_tokens: int, num_heads: int) -> List[RankPath]:
+    """A tree of ``tree_tokens`` tokens (root included) shaped like a calibrated one: grown by :func:`grow_tree`
+    from accuracies that fall with depth and rank, at most ``num_heads`` deep. :func:`measure_step_cost` times
+    trees of this shape."""
+    if tree_tokens > 1 and num_heads < 1:
+        raise ValueError(f"a {tree_tokens}-token tree needs Medusa heads; the model has none")
+    acc = [[0.6**k / (r + 1) for r in range(10)] for k in range(1, num_heads + 1)]
+    return [p for p, _ in grow_tree(acc, tree_tokens - 1)]
 
 
 @torch.inference_mode()
@@ -112,92 +127,130 @@ def measure_step_cost(
     context_len: int = 256,
     repeats: int = 5,
     warmup: int = 1,
+    compile: bool = False,
+    timer: Callable[[], float] = time.perf_counter,
+    spread: Optional[Dict[int, float]] = None,
 ) -> Dict[int, float]:
     """Median seconds of one decoding step that verifies ``T`` tree tokens, for each ``T`` in ``tree_sizes``.
 
-    A step is what :func:`~torchtune_medusa.generation.medusa_generate` does per tree: the top-k of
-    ``min(K, T - 1)`` heads at one position (none for ``T == 1``, which is exactly a plain decoding step), a
-    forward of ``T`` tokens over a cache holding ``context_len`` tokens, the base logits of the ``T`` tokens, and
-    the cache roll-back. The attention cost does not depend on the mask's pattern, so a chain mask is used.
+    What is timed is :func:`~torchtune_medusa.generation._step.tree_step`, the step ``medusa_generate`` runs
+    (heads' proposal, one forward of the tree, acceptance, eviction), on a :func:`step_cost_tree` of ``T`` tokens
+    over a cache holding ``context_len`` tokens; ``T == 1`` is exactly a plain decoding step. Sizes are timed in
+    interleaved rounds (each round visits every size, in a rotated order), so a burst of background load hits
+    them alike; when the timings of a size spread by more than 20% a warning says the machine looks busy.
     Caches are created for the measurement and removed afterwards.
 
     Args:
-        model (nn.Module): a Medusa (or plain) torchtune decoder.
+        model (nn.Module): a Medusa decoder (a plain torchtune decoder for ``T == 1`` only).
         tree_sizes (Sequence[int]): tree tokens per step to time (root included).
         context_len (int): tokens already in the cache.
-        repeats (int): timed repetitions; the median is returned.
-        warmup (int): untimed repetitions first.
+        repeats (int): timed rounds; the median is returned.
+        warmup (int): untimed rounds first.
+        compile (bool): time the compiled step (as ``medusa_generate(compile=True)`` runs it).
+        timer (Callable[[], float]): clock (tests pass a fake one).
+        spread (Optional[Dict[int, float]]): filled with each size's interquartile range / median.
 
     Returns:
         Dict[int, float]: ``{T: seconds}``.
+
+    Raises:
+        ValueError: for a context that does not fit the model, or ``T > 1`` on a model without heads.
     """
+    sizes = sorted({int(t) for t in tree_sizes})
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"tree_sizes must be positive token counts, got {list(tree_sizes)}")
     device = next(model.parameters()).device
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    medusa = hasattr(model, "project")
-    cache_len = context_len + max(tree_sizes)
+    heads = getattr(model, "num_medusa_heads", 0)
+    trees = {t: build_tree_buffers(step_cost_tree(t, heads), num_heads=heads or None, device=device) for t in sizes}
+    cache_len = context_len + sizes[-1]
     if cache_len > model.max_seq_len:
         raise ValueError(f"context_len + max tree size = {cache_len} exceeds the model's max_seq_len")
-    vocab = model.tok_embeddings.num_embeddings
+    cache_len = cache_len_for(cache_len, int(model.max_seq_len), compile)
     gen = torch.Generator().manual_seed(0)
-    ctx = torch.randint(0, vocab, (1, context_len), generator=gen).to(device)
-    prev = getattr(model, "return_hidden", False)
-    out: Dict[int, float] = {}
-    with scoped_kv_cache(model, batch_size=1, cache_len=cache_len, dtype=dtype):
-        if medusa:
-            model.set_return_hidden(True)
-        try:
-            slots = torch.arange(cache_len, device=device)
-            h = model(
-                ctx, mask=slots[None, :context_len, None] >= slots[None, None, :], input_pos=slots[None, :context_len]
-            )
-            caches = kv_caches(model)
-            last = h[0, -1] if medusa else None
-            for t in tree_sizes:
-                mask, pos = _tree_step_inputs(t, context_len, cache_len, device)
-                toks = torch.randint(0, vocab, (1, t), generator=gen).to(device)
-                times = []
-                for i in range(warmup + repeats):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    t0 = time.perf_counter()
-                    if medusa:
-                        if t > 1:
-                            torch.topk(model.medusa_logits(last, min(model.num_medusa_heads, t - 1)), 10)
-                        hid = model(toks, mask=mask, input_pos=pos)
-                        model.project(hid[0], 0).argmax(-1).tolist()
-                    else:
-                        model(toks, mask=mask, input_pos=pos)[0].argmax(-1).tolist()
-                    for c in caches:
-                        c.cache_pos.sub_(t)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    if i >= warmup:
-                        times.append(time.perf_counter() - t0)
-                out[int(t)] = sorted(times)[len(times) // 2]
-        finally:
-            if medusa:
-                model.set_return_hidden(prev)
+    ctx = torch.randint(0, model.tok_embeddings.num_embeddings, (1, context_len), generator=gen).to(device)
+    fns = step_functions(model, compile=compile)
+    times: Dict[int, List[float]] = {t: [] for t in sizes}
+    with decoding_scope(model, batch_size=1, cache_len=cache_len):
+        caches = kv_caches(model)
+        slots = torch.arange(cache_len, device=device)
+        mask = slots[None, :context_len, None] >= slots[None, None, :]
+        hidden, logits = fns.prefill(ctx, mask, slots[None, :context_len], select=context_len - 1)
+        start = DecodeState(length=context_len, root=logits[0].argmax(), hidden=hidden[0], cache_len=cache_len)
+        for r in range(warmup + repeats):
+            for t in sizes[r % len(sizes) :] + sizes[: r % len(sizes)]:
+                state = DecodeState(**vars(start))
+                sync(device)
+                t0 = timer()
+                tree_step(fns, caches, state, trees[t], Acceptance())
+                sync(device)
+                elapsed = timer() - t0
+                if r >= warmup:
+                    times[t].append(elapsed)
+                for c in caches:
+                    c.cache_pos.sub_(state.length - context_len)
+    out = {t: statistics.median(ts) for t, ts in times.items()}
+    iqr = {t: _relative_spread(ts) for t, ts in times.items()}
+    if spread is not None:
+        spread.update(iqr)
+    noisy = {t: round(v, 2) for t, v in iqr.items() if v > 0.2}
+    if noisy:
+        log.warning(
+            "measure_step_cost: timings vary by more than 20%% of their median (T: spread %s); the machine looks "
+            "busy, so a tree calibrated on them may be off. Measure again on a quiet machine, or with more repeats.",
+            noisy,
+        )
     return out
 
 
+def _relative_spread(xs: Sequence[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return (q[2] - q[0]) / max(statistics.median(xs), 1e-12)
+
+
+def _monotone(points: List[Tuple[int, float]]) -> List[Tuple[int, float]]:
+    """The closest non-decreasing fit to ``points`` (sorted by T) by pooling adjacent violators: a bigger tree
+    never costs less than a smaller one; noise that says otherwise is averaged out."""
+    blocks: List[List[float]] = []  # [sum, count]
+    for _, y in points:
+        blocks.append([y, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, n = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += n
+    ys = [b[0] / b[1] for b in blocks for _ in range(int(b[1]))]
+    return [(x, y) for (x, _), y in zip(points, ys)]
+
+
 def _cost_fn(step_cost: Union[Mapping[int, float], Callable[[int], float]]) -> Callable[[int], float]:
+    """``T -> seconds``: the measured costs made non-decreasing (:func:`_monotone`), interpolated linearly and
+    extrapolated past the largest measured tree with the mean slope of the whole measured range (never falling:
+    a tree step never costs less than a 1-token step)."""
     if callable(step_cost):
         return step_cost
     pts = sorted((int(k), float(v)) for k, v in step_cost.items())
     if not pts:
         raise ValueError("step_cost is empty")
+    if any(not y > 0 for _, y in pts):
+        raise ValueError(f"step costs must be positive seconds, got {dict(pts)}")
+    fitted = _monotone(pts)
+    if any(abs(y - f) > 0.2 * y for (_, y), (_, f) in zip(pts, fitted)):
+        log.warning(
+            "step costs fall as trees grow (%s); treating them as equal where they do: measure on a quiet machine",
+            {x: round(y * 1e3, 3) for x, y in pts},
+        )
+    (x_first, y_first), (x_last, y_last) = fitted[0], fitted[-1]
+    slope = (y_last - y_first) / (x_last - x_first) if x_last > x_first else 0.0
 
-    def cost(t: int) -> float:  # piecewise-linear, extrapolated with the last segment's slope
-        if len(pts) == 1:
-            return pts[0][1]
-        if t <= pts[0][0]:
-            (x0, y0), (x1, y1) = pts[0], pts[1]
-        elif t >= pts[-1][0]:
-            (x0, y0), (x1, y1) = pts[-2], pts[-1]
-        else:
-            i = next(i for i in range(1, len(pts)) if pts[i][0] >= t)
-            (x0, y0), (x1, y1) = pts[i - 1], pts[i]
-        return max(y0 + (y1 - y0) * (t - x0) / (x1 - x0), 1e-12)
+    def cost(t: int) -> float:
+        if t <= x_first:
+            return y_first
+        if t >= x_last:
+            return y_last + slope * (t - x_last)
+        i = next(i for i in range(1, len(fitted)) if fitted[i][0] >= t)
+        (x0, y0), (x1, y1) = fitted[i - 1], fitted[i]
+        return y0 + (y1 - y0) * (t - x0) / (x1 - x0)
 
     return cost
 
@@ -270,6 +323,12 @@ def calibrate_tree(
     acc = [[float(a) for a in row] for row in head_accuracies]
     if any(not 0.0 <= a <= 1.0 for row in acc for a in row):
         raise ValueError("head accuracies must be probabilities in [0, 1]")
+    for k, row in enumerate(acc, start=1):
+        if sum(row) > 1.0 + 1e-6:
+            raise ValueError(
+                f"head {k}'s accuracies by rank sum to {sum(row):.3f} > 1, but at most one rank can be right: pass "
+                "acc[k][r] = P(rank r is the right token), as measure_head_accuracies returns"
+            )
     cost = _cost_fn(step_cost)
     nodes = grow_tree(acc, max_nodes)
     base_speed = 1.0 / cost(1)

@@ -21,10 +21,21 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from torchtune_medusa.generation._kv import evict_to_path, kv_caches, scoped_kv_cache
-from torchtune_medusa.generation._sampling import greedy_node_mask, sample_next, select_path, typical_node_mask
-from torchtune_medusa.generation._tree import build_tree_buffers, MC_SIM_7B_63, TreeBuffers
-from torchtune_medusa.modules.transformer import MedusaTransformerDecoder
+from torchtune_medusa.generation._kv import kv_caches
+from torchtune_medusa.generation._sampling import sample_next
+from torchtune_medusa.generation._step import (
+    Acceptance,
+    cache_len_for,
+    DecodeState,
+    decoding_scope,
+    is_medusa,
+    step_functions,
+    tree_step,
+)
+from torchtune_medusa.generation._step import (
+    sync as _sync,
+)
+from torchtune_medusa.generation._tree import build_tree_buffers, MC_SIM_7B_63
 
 log = logging.getLogger(__name__)
 
@@ -79,62 +90,12 @@ class GenerationOutput:
     stats: GenerationStats
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _generator(seed: Optional[int], device: torch.device) -> Optional[torch.Generator]:
     if seed is None:
         return None
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
-
-
-def _is_medusa(model: nn.Module) -> bool:
-    return hasattr(model, "set_return_hidden") and hasattr(model, "project")
-
-
-def _cache_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-class _Runner:
-    """Runs the decoder and returns base logits only at the requested positions, plus the normed hidden state
-    from which Medusa heads are projected lazily. A plain torchtune decoder is viewed through a zero-head
-    :class:`MedusaTransformerDecoder` sharing its modules (and KV caches), so that a prefill never projects every
-    prompt position to the vocabulary either."""
-
-    def __init__(self, model: nn.Module):
-        if not _is_medusa(model):
-            model = MedusaTransformerDecoder.from_decoder(model, nn.ModuleList())
-            model.set_return_hidden(True)
-        self.model = model
-
-    def __call__(self, tokens, mask, input_pos, select: Optional[torch.Tensor] = None):
-        """Return ``(logits [b, n, v], hidden [b, n, d])`` at positions ``select`` (all when None)."""
-        h = self.model(tokens, mask=mask, input_pos=input_pos)
-        if select is not None:
-            h = h[:, select]
-        return self.model.project(h, 0), h
-
-
-class _ReturnHidden:
-    def __init__(self, model):
-        self.model = model
-        self.prev = getattr(model, "return_hidden", None)
-
-    def __enter__(self):
-        if _is_medusa(self.model):
-            self.model.set_return_hidden(True)
-
-    def __exit__(self, *exc):
-        if _is_medusa(self.model):
-            self.model.set_return_hidden(bool(self.prev))
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> List[List[int]]:
@@ -150,7 +111,9 @@ def _check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> Lis
     return prompts
 
 
-def _cache_budget(model: nn.Module, needed: int, longest_prompt: int, max_cache_len: Optional[int]) -> int:
+def _cache_budget(
+    model: nn.Module, needed: int, longest_prompt: int, max_cache_len: Optional[int], compiled: bool = False
+) -> int:
     limit = int(model.max_seq_len)
     if max_cache_len is not None:
         limit = min(limit, int(max_cache_len))
@@ -160,7 +123,7 @@ def _cache_budget(model: nn.Module, needed: int, longest_prompt: int, max_cache_
             f"the prompt has {longest_prompt} tokens but the KV cache can hold only {limit} "
             f"(the model's {which}); shorten the prompt or raise the limit"
         )
-    return min(needed, limit)
+    return cache_len_for(needed, limit, compiled)
 
 
 @torch.inference_mode()
@@ -174,6 +137,7 @@ def generate(
     stop_tokens: Sequence[int] = (),
     seed: Optional[int] = None,
     max_cache_len: Optional[int] = None,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Plain autoregressive decoding with torchtune's KV cache, batched over prompts of different lengths.
 
@@ -193,6 +157,8 @@ def generate(
         seed (Optional[int]): seed for sampling.
         max_cache_len (Optional[int]): cap on KV-cache slots. When a row would need more, decoding stops early
             with ``stop_reason == "cache_full"`` and a warning.
+        compile (bool): run the decoding forward through ``torch.compile`` (the same compiled forward
+            :func:`medusa_generate` uses; the first call per batch size compiles). Default False.
 
     Returns:
         GenerationOutput: tokens and :class:`GenerationStats`.
@@ -210,9 +176,9 @@ def generate(
     if max_new_tokens == 0:
         stats.stop_reasons = ["max_new_tokens"] * b
         return GenerationOutput([[] for _ in prompts], stats)
-    cache_len = _cache_budget(model, p_max + max_new_tokens, p_max, max_cache_len)
+    cache_len = _cache_budget(model, p_max + max_new_tokens, p_max, max_cache_len, compile)
     gen = _generator(seed, device)
-    runner = _Runner(model)
+    fns = step_functions(model, compile=compile)
 
     pads = torch.tensor([p_max - n for n in lens], device=device)
     tokens = torch.zeros(b, p_max, dtype=torch.long, device=device)
@@ -230,10 +196,10 @@ def generate(
 
     out: List[List[int]] = [[] for _ in prompts]
     reasons: List[Optional[str]] = [None] * b
-    with _ReturnHidden(model), scoped_kv_cache(model, batch_size=b, cache_len=cache_len, dtype=_cache_dtype(model)):
+    with decoding_scope(model, batch_size=b, cache_len=cache_len):
         _sync(device)
         t0 = time.perf_counter()
-        logits, _ = runner(tokens, mask, input_pos, select=torch.tensor([p_max - 1], device=device))
+        _, logits = fns.prefill(tokens, mask, input_pos, select=torch.tensor([p_max - 1], device=device))
         nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, generator=gen)
         slot = p_max
         first = True
@@ -261,7 +227,7 @@ def generate(
                 reasons = [r or "cache_full" for r in reasons]
                 break
             valid[:, slot] = True
-            logits, _ = runner(nxt[:, None], valid[:, None, :].clone(), next_pos[:, None])
+            _, logits = fns.forward(nxt[:, None], valid[:, None, :].clone(), next_pos[:, None])
             nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, generator=gen)
             next_pos += 1
             slot += 1
@@ -274,21 +240,6 @@ def generate(
     stats.tokens_per_second = stats.new_tokens / max(stats.total_time_s, 1e-9)
     stats.stop_reasons = [r or "max_new_tokens" for r in reasons]
     return GenerationOutput(out, stats)
-
-
-def _head_candidates(model: nn.Module, hidden: torch.Tensor, depth: int, topk: int) -> torch.Tensor:
-    """Top-k token ids of heads ``1..depth`` at one position: ``[depth * topk]``. hidden: ``[d]``."""
-    if depth == 0:
-        return hidden.new_empty(0, dtype=torch.long)
-    return torch.topk(model.medusa_logits(hidden, depth), topk, dim=-1).indices.flatten()
-
-
-def _tree_mask(tree: TreeBuffers, length: int, cache_len: int, device) -> torch.Tensor:
-    t = tree.num_nodes
-    mask = torch.zeros(1, t, cache_len, dtype=torch.bool, device=device)
-    mask[:, :, :length] = True
-    mask[0, :, length : length + t] = tree.attn_mask
-    return mask
 
 
 @torch.inference_mode()
@@ -306,13 +257,15 @@ def medusa_generate(
     seed: Optional[int] = None,
     max_cache_len: Optional[int] = None,
     topk: int = 10,
+    compile: bool = False,
     on_step=None,
 ) -> GenerationOutput:
     """Medusa decoding: each step verifies a tree of candidates (the base model's next token plus the heads'
     top-k tokens) in one forward through torchtune's KV cache, accepts the longest right path, and evicts the
     rejected branches from the cache.
 
-    One step: the root is the token the base model picked after the last committed token; heads ``1..D`` give
+    One step (:func:`~torchtune_medusa.generation._step.tree_step`): the root is the token the base model picked
+    after the last committed token; heads ``1..D`` give
     their top-``topk`` at that position; ``tree_indices`` lay them out as the tree; all ``T`` tree tokens run in one
     forward at positions ``length + depth`` with a ``[1, T, cache_len]`` mask (the committed prefix plus each
     node's ancestors); the base logits of all tree tokens decide acceptance; the accepted path's K/V rows are
@@ -352,6 +305,8 @@ def medusa_generate(
         seed (Optional[int]): seed for sampling.
         max_cache_len (Optional[int]): cap on KV-cache slots.
         topk (int): candidates per head (every rank in the tree must be below it). Default 10.
+        compile (bool): run the step's forward and the heads' proposal through ``torch.compile`` (one graph per
+            tree size; the first call compiles, later calls on the same model reuse the graphs). Default False.
         on_step (Optional[Callable]): test hook, called after every step's eviction as
             ``on_step(committed_tokens: List[int], length: int)``.
 
@@ -362,7 +317,7 @@ def medusa_generate(
         ValueError: for a model without Medusa heads, an invalid tree, a tree deeper than the heads, an unknown
             ``acceptance``, or a prompt that does not fit the cache.
     """
-    if not _is_medusa(model) or getattr(model, "num_medusa_heads", 0) == 0:
+    if not is_medusa(model) or getattr(model, "num_medusa_heads", 0) == 0:
         raise ValueError("medusa_generate needs a MedusaTransformerDecoder with at least one head; use generate()")
     if acceptance not in ("greedy", "typical"):
         raise ValueError(f"acceptance must be 'greedy' or 'typical', got {acceptance!r}")
@@ -372,12 +327,16 @@ def medusa_generate(
         medusa_choices = [p for p in DEFAULT_MEDUSA_CHOICES if len(p) <= model.num_medusa_heads]
     tree = build_tree_buffers(medusa_choices, topk=topk, num_heads=model.num_medusa_heads, device=device)
     root_only = build_tree_buffers([], topk=topk, device=device)
-    t_nodes = tree.num_nodes
     stop = set(int(t) for t in stop_tokens)
-    sampling = temperature > 0.0
-    typical = acceptance == "typical" and sampling
-    gen = _generator(seed, device)
-    stats = GenerationStats(tree_size=t_nodes)
+    rule = Acceptance(
+        temperature=temperature,
+        typical=acceptance == "typical",
+        posterior_threshold=posterior_threshold,
+        posterior_alpha=posterior_alpha,
+        generator=_generator(seed, device),
+        topk=topk,
+    )
+    stats = GenerationStats(tree_size=tree.num_nodes)
     depth_hits = [0] * tree.max_depth
     tree_steps = 0
     out: List[List[int]] = []
@@ -385,24 +344,24 @@ def medusa_generate(
         stats.stop_reasons = ["max_new_tokens"] * len(prompts)
         return GenerationOutput([[] for _ in prompts], stats)
     p_max = max(len(p) for p in prompts)
-    cache_len = _cache_budget(model, p_max + max_new_tokens + t_nodes, p_max, max_cache_len)
+    cache_len = _cache_budget(model, p_max + max_new_tokens + tree.num_nodes, p_max, max_cache_len, compile)
     # Positions must stay below max_seq_len (RoPE table); slots below cache_len.
     pos_limit = int(model.max_seq_len)
     slots = torch.arange(cache_len, device=device)
+    fns = step_functions(model, compile=compile)
     ttfts = []
 
-    with _ReturnHidden(model), scoped_kv_cache(model, batch_size=1, cache_len=cache_len, dtype=_cache_dtype(model)):
+    with decoding_scope(model, batch_size=1, cache_len=cache_len):
         caches = kv_caches(model)
         _sync(device)
         t0 = time.perf_counter()
         for prompt in prompts:
             t_prompt = time.perf_counter()
             n = len(prompt)
-            tokens = torch.tensor([prompt], device=device)
             mask = (slots[None, :n, None] >= slots[None, None, :]).clone()
-            h = model(tokens, mask=mask, input_pos=slots[None, :n])[0, -1]  # [d]
-            root = sample_next(model.project(h, 0), temperature=temperature, generator=gen)  # 0-dim
-            length = n  # committed tokens in the cache (slots 0..length-1)
+            hidden, logits = fns.prefill(torch.tensor([prompt], device=device), mask, slots[None, :n], select=n - 1)
+            root = sample_next(logits[0], temperature=temperature, generator=rule.generator)  # 0-dim
+            state = DecodeState(length=n, root=root, hidden=hidden[0], cache_len=cache_len)
             emitted: List[int] = []
             reason = None
             pending = [int(root)]
@@ -418,7 +377,8 @@ def medusa_generate(
                         break
                 if reason is not None:
                     break
-                if length + t_nodes <= cache_len and length + tree.max_depth < pos_limit:
+                length = state.length
+                if length + tree.num_nodes <= cache_len and length + tree.max_depth < pos_limit:
                     step_tree = tree
                 elif length + 1 <= cache_len and length < pos_limit:
                     step_tree = root_only
@@ -432,42 +392,7 @@ def medusa_generate(
                     )
                     reason = "cache_full"
                     break
-                t_step = step_tree.num_nodes
-                cand = torch.cat([root.view(1), _head_candidates(model, h, step_tree.max_depth, topk)])
-                tree_tokens = cand[step_tree.tree_indices]  # [T]
-                hidden = model(
-                    tree_tokens[None],
-                    mask=_tree_mask(step_tree, length, cache_len, device),
-                    input_pos=(step_tree.depth + length)[None],
-                )[0]  # [T, d]
-                logits = model.project(hidden, 0)  # [T, v]
-                if typical:
-                    ok, logp = typical_node_mask(
-                        tree_tokens,
-                        logits,
-                        step_tree.parent,
-                        temperature=temperature,
-                        posterior_threshold=posterior_threshold,
-                        posterior_alpha=posterior_alpha,
-                    )
-                    best, acc = select_path(ok, step_tree.retrieve_indices, step_tree.retrieve_valid, logp)
-                    path = step_tree.retrieve_indices[best]  # [D+1]
-                    last = path[acc]
-                    nxt = sample_next(logits[last], temperature=temperature, generator=gen)
-                else:
-                    choice = sample_next(logits, temperature=temperature, generator=gen)  # [T]
-                    ok = greedy_node_mask(tree_tokens, choice, step_tree.parent)
-                    best, acc = select_path(ok, step_tree.retrieve_indices, step_tree.retrieve_valid)
-                    path = step_tree.retrieve_indices[best]
-                    last = path[acc]
-                    nxt = choice[last]
-                host = torch.cat([acc.view(1), tree_tokens[path], nxt.view(1)]).tolist()  # the step's one sync
-                a = host[0]
-                evict_to_path(caches, length=length, tree_size=t_step, accepted=path[: a + 1])
-                length += a + 1
-                h = hidden[last]
-                root = nxt
-                pending = host[2 : 2 + a] + [host[-1]]
+                a, pending = tree_step(fns, caches, state, step_tree, rule)
                 stats.steps += 1
                 stats.accepted_per_step.append(a + 1)
                 if step_tree is tree:
@@ -475,12 +400,12 @@ def medusa_generate(
                     for k in range(a):
                         depth_hits[k] += 1
                 if on_step is not None:
-                    on_step(list(prompt) + emitted + host[2 : 2 + a], length)
+                    on_step(list(prompt) + emitted + pending[:-1], state.length)
             out.append(emitted)
             stats.stop_reasons.append(reason)
             # Rewind for the next prompt (stale rows stay masked out).
             for c in caches:
-                c.cache_pos.sub_(length)
+                c.cache_pos.sub_(state.length)
         _sync(device)
         stats.total_time_s = time.perf_counter() - t0
     stats.new_tokens = sum(len(o) for o in out)

@@ -1,0 +1,191 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+"""The single decoding step: what decoding runs is what is timed, compiled == eager, and the decoding attention
+equals torchtune's."""
+
+import itertools
+import logging
+
+import pytest
+import torch
+from common import tiny_medusa
+from test_generate import _prompts, train_tiny_heads
+
+from torchtune_medusa.generation import (
+    _calibration,
+    _generate,
+    _step,
+    build_tree_buffers,
+    calibrate_tree,
+    generate,
+    kv_caches,
+    measure_step_cost,
+    medusa_generate,
+    scoped_kv_cache,
+    topk_per_head_tree,
+)
+from torchtune_medusa.generation._step import Acceptance, DecodeState, decoding_scope, step_functions, tree_step
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _spy(monkeypatch, module, calls):
+    real = _step.tree_step
+
+    def spy(fns, caches, state, tree, acceptance):
+        calls.append(tree.num_nodes)
+        return real(fns, caches, state, tree, acceptance)
+
+    monkeypatch.setattr(module, "tree_step", spy)
+
+
+def test_decoding_and_step_cost_run_the_same_step(monkeypatch):
+    model = tiny_medusa(num_heads=3)
+    decoded, timed = [], []
+    _spy(monkeypatch, _generate, decoded)
+    _spy(monkeypatch, _calibration, timed)
+    out = medusa_generate(model, _prompts(1), max_new_tokens=8, medusa_choices=topk_per_head_tree([2, 1]))
+    assert decoded and set(decoded) == {5} and len(decoded) == out.stats.steps
+    measure_step_cost(model, (1, 3, 5), context_len=8, repeats=2, warmup=1)
+    assert sorted(timed) == sorted([1, 3, 5] * 3)  # every round visits every size, the warm-up round included
+
+
+def _snapshot(model):
+    return [(c.k_cache.clone(), c.v_cache.clone()) for c in kv_caches(model)]
+
+
+def _run_steps(model, fns, prompt, tree, steps):
+    """Prefill ``prompt`` then run ``steps`` tree steps; returns the committed tokens, the final length and the
+    committed K/V rows of every layer."""
+    cache_len = 64
+    with torch.inference_mode(), decoding_scope(model, batch_size=1, cache_len=cache_len):
+        caches = kv_caches(model)
+        slots = torch.arange(cache_len)
+        n = len(prompt)
+        hidden, logits = fns.prefill(
+            torch.tensor([prompt]), slots[None, :n, None] >= slots[None, None, :], slots[None, :n], select=n - 1
+        )
+        state = DecodeState(length=n, root=logits[0].argmax(), hidden=hidden[0], cache_len=cache_len)
+        tokens = []
+        for _ in range(steps):
+            tokens += tree_step(fns, caches, state, tree, Acceptance())[1]
+        rows = [(k[:, :, : state.length].clone(), v[:, :, : state.length].clone()) for k, v in _snapshot(model)]
+    return tokens, state.length, rows
+
+
+def test_compiled_step_equals_eager_in_fp32():
+    model, _ = train_tiny_heads(num_heads=3)
+    tree = build_tree_buffers(topk_per_head_tree([2, 1, 1]), num_heads=3)
+    prompt = _prompts(1, seed=3)[0]
+    eager = _run_steps(model, step_functions(model), prompt, tree, steps=6)
+    compiled_fns = step_functions(model, compile=True)
+    assert compiled_fns is step_functions(model, compile=True)  # graphs are kept for the next call
+    compiled = _run_steps(model, compiled_fns, prompt, tree, steps=6)
+    assert compiled[0] == eager[0] and compiled[1] == eager[1]
+    assert len(compiled[0]) > 6  # six steps made more than six tokens: the trained heads were accepted
+    for (ke, ve), (kc, vc) in zip(eager[2], compiled[2]):
+        torch.testing.assert_close(kc, ke, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(vc, ve, rtol=1e-5, atol=1e-5)
+    # The whole compiled decoder is lossless against the eager baseline.
+    prompts = _prompts(2, seed=4)
+    base = generate(model, prompts, max_new_tokens=12).tokens
+    fast = medusa_generate(
+        model, prompts, max_new_tokens=12, medusa_choices=topk_per_head_tree([2, 1, 1]), compile=True
+    )
+    assert fast.tokens == base
+
+
+def test_fast_attention_equals_torchtune_attention():
+    model = tiny_medusa(num_heads=1)
+    model.set_return_hidden(True)
+    tokens = torch.tensor([_prompts(1, seed=5, lo=9, hi=9)[0]])
+    slots = torch.arange(16)
+    mask = slots[None, :9, None] >= slots[None, None, :]
+    outs = []
+    attn = next(m for m in model.modules() if isinstance(m, torch.nn.Module) and hasattr(m, "kv_cache"))
+    for fast in (False, True):
+        with torch.no_grad(), scoped_kv_cache(model, batch_size=1, cache_len=16, dtype=torch.float32):
+            if fast:
+                with _step.fast_attention(model):
+                    assert "forward" in vars(attn)
+                    outs.append(model(tokens, mask=mask, input_pos=slots[None, :9]))
+                assert "forward" not in vars(attn)  # torchtune's forward is back
+            else:
+                outs.append(model(tokens, mask=mask, input_pos=slots[None, :9]))
+    model.set_return_hidden(False)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+class FakeClock:
+    """A clock whose step durations come from ``cost(T)`` plus noise; the tree size is read from the last step."""
+
+    def __init__(self, cost, noise):
+        self.now, self.cost, self.noise, self.last_t = 0.0, cost, noise, 1
+        self.started = False
+
+    def __call__(self):
+        if self.started:
+            self.now += self.cost(self.last_t) * (1 + next(self.noise))
+        self.started = not self.started
+        return self.now
+
+
+def test_step_cost_under_a_noisy_fake_timer_calibrates_a_sane_tree(monkeypatch, caplog):
+    model = tiny_medusa(num_heads=3)
+    clock = FakeClock(lambda t: 0.010 + 0.0005 * t, itertools.cycle([0.0, 0.05, -0.04, 3.0, 0.02, -0.01, 0.01]))
+    real = _step.tree_step
+
+    def step(fns, caches, state, tree, acceptance):
+        clock.last_t = tree.num_nodes
+        return real(fns, caches, state, tree, acceptance)
+
+    monkeypatch.setattr(_calibration, "tree_step", step)
+    spread = {}
+    cost = measure_step_cost(model, (1, 2, 4, 8, 16), context_len=8, repeats=7, timer=clock, spread=spread)
+    for t, c in cost.items():  # medians shrug off the one-in-seven 4x outlier
+        assert c == pytest.approx(0.010 + 0.0005 * t, rel=0.06)
+    acc = [[0.7, 0.1], [0.5, 0.1], [0.3, 0.1]]
+    best = calibrate_tree(acc, cost, max_nodes=30)
+    assert 1.0 < best.expected_speedup <= 4.0  # a depth-3 tree yields at most 4 tokens per step
+    assert best.medusa_choices and max(len(p) for p in best.medusa_choices) <= 3
+
+
+def test_calibration_never_trusts_a_falling_cost_curve(caplog):
+    acc = [[0.5, 0.2, 0.1, 0.1], [0.3, 0.2, 0.1, 0.1]]
+    with caplog.at_level(logging.WARNING):
+        best = calibrate_tree(acc, {1: 0.010, 2: 0.004}, max_nodes=8)
+    assert 1.0 < best.expected_speedup <= 3.0  # depth 2: never more than 3 tokens for one step's cost
+    assert "step costs fall" in caplog.text
+    # Extrapolation past the largest measured size never falls below the 1-token cost either.
+    best = calibrate_tree([[0.9, 0.1]] * 3, {1: 0.010, 4: 0.011, 8: 0.0105}, max_nodes=40)
+    assert best.expected_speedup <= 4.0
+
+
+def test_calibration_refuses_accuracies_that_are_not_probabilities_of_one_right_rank():
+    with pytest.raises(ValueError, match=r"head 1's accuracies by rank sum to 5.000 > 1"):
+        calibrate_tree([[0.5] * 10, [0.3] * 3], {1: 0.010, 2: 0.012}, max_nodes=8)
+
+
+def test_noisy_step_timings_warn(caplog):
+    model = tiny_medusa(num_heads=1)
+    durations = itertools.cycle([0.01, 0.03])
+    state = {"t": 0.0, "start": True}
+
+    def clock():
+        if not state["start"]:
+            state["t"] += next(durations)
+        state["start"] = not state["start"]
+        return state["t"]
+
+    with caplog.at_level(logging.WARNING):
+        measure_step_cost(model, (1, 2), context_len=8, repeats=6, timer=clock)
+    assert "machine looks busy" in caplog.text

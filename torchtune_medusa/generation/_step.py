@@ -1,0 +1,319 @@
+# Copyright (c) torchtune-medusa contributors.
+# All rights reserved.
+#
+# This source code is licensed under the BSD-style license found in the
+# LICENSE file in the root directory of this source tree.
+"""One decoding step over torchtune's KV cache, shared by everything that decodes or times decoding.
+
+:func:`tree_step` is the whole Medusa verification step: the heads propose candidates at the last committed
+position, one forward runs the tree tokens, the base model's picks decide the longest accepted path, and the
+rejected branches are evicted from the cache. :func:`~torchtune_medusa.generation.medusa_generate` runs it in a
+loop, :func:`~torchtune_medusa.generation.measure_step_cost` times it, and the recipe's validation decodes with it,
+so what is calibrated is what runs. Plain decoding is the same step with the root-only tree; the batched baseline
+:func:`~torchtune_medusa.generation.generate` shares its forward (:class:`StepFunctions`).
+
+The forward and the heads' proposal can be compiled (``torch.compile``, static shapes: one graph per tree size and
+cache size), gpt-fast style; the data-dependent parts (acceptance, eviction) stay eager and cheap.
+"""
+
+import contextlib
+import types
+import weakref
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchtune.modules import MultiHeadAttention
+
+from torchtune_medusa.generation._kv import evict_to_path, scoped_kv_cache
+from torchtune_medusa.generation._sampling import greedy_node_mask, sample_next, select_path, typical_node_mask
+from torchtune_medusa.generation._tree import TreeBuffers
+from torchtune_medusa.modules.transformer import MedusaTransformerDecoder
+
+# Compiled graphs depend on the cache size; sizes are rounded up to a multiple of this when compiling, so that
+# prompts of different lengths reuse one graph (the extra slots stay masked out).
+COMPILED_CACHE_ALIGN = 256
+
+
+def is_medusa(model: nn.Module) -> bool:
+    return hasattr(model, "set_return_hidden") and hasattr(model, "project")
+
+
+class StepFunctions:
+    """The model's decoding forward and the heads' proposal, eager or compiled.
+
+    A plain torchtune decoder is viewed through a zero-head :class:`MedusaTransformerDecoder` sharing its modules
+    (and KV caches), so that only the positions a caller asks for are projected to the vocabulary.
+
+    Use :func:`step_functions` to get one: it keeps compiled graphs alive across calls for the same model.
+
+    Args:
+        model (nn.Module): a :class:`MedusaTransformerDecoder` or a torchtune ``TransformerDecoder``.
+        compile (bool): compile :meth:`forward` and :meth:`propose` with ``torch.compile`` (static shapes).
+    """
+
+    def __init__(self, model: nn.Module, *, compile: bool = False):
+        if not is_medusa(model):
+            model = MedusaTransformerDecoder.from_decoder(model, nn.ModuleList())
+            model.set_return_hidden(True)
+        self.model = model
+        self.compiled = compile
+        if compile:  # one graph per (tree size, cache size, batch size): more than dynamo's default 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._forward = torch.compile(self._eager_forward, dynamic=False) if compile else self._eager_forward
+        self._propose = torch.compile(self._eager_propose, dynamic=False) if compile else self._eager_propose
+
+    def _eager_forward(self, tokens, mask, input_pos) -> Tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model(tokens, mask=mask, input_pos=input_pos)
+        return hidden, self.model.project(hidden, 0)
+
+    def _eager_propose(self, hidden: torch.Tensor, depth: int, topk: int) -> torch.Tensor:
+        return torch.topk(self.model.medusa_logits(hidden, depth), topk, dim=-1).indices.flatten()
+
+    def forward(self, tokens, mask, input_pos) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The new tokens of one step through the KV cache: ``(hidden [b, s, d], base logits [b, s, v])``."""
+        return self._forward(tokens, mask, input_pos)
+
+    def prefill(self, tokens, mask, input_pos, select: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A prompt through the KV cache (eager: prompt lengths vary), projected only at ``select``."""
+        hidden = self.model(tokens, mask=mask, input_pos=input_pos)[:, select]
+        return hidden, self.model.project(hidden, 0)
+
+    def propose(self, hidden: torch.Tensor, depth: int, topk: int) -> torch.Tensor:
+        """Top-``topk`` token ids of heads ``1..depth`` at one position, ``[depth * topk]``. hidden: ``[d]``."""
+        if depth == 0:
+            return hidden.new_empty(0, dtype=torch.long)
+        return self._propose(hidden, depth, topk)
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, StepFunctions]" = weakref.WeakKeyDictionary()
+
+
+def step_functions(model: nn.Module, *, compile: bool = False) -> StepFunctions:
+    """The :class:`StepFunctions` of ``model``; compiled ones are kept (per model) so graphs compile once."""
+    if not compile:
+        return StepFunctions(model)
+    fns = _CACHE.get(model)
+    if fns is None:
+        fns = _CACHE[model] = StepFunctions(model, compile=True)
+    return fns
+
+
+def cache_len_for(needed: int, limit: int, compiled: bool) -> int:
+    """KV-cache slots for a call that needs ``needed``: exact when eager, aligned when compiled, at most ``limit``."""
+    if compiled:
+        needed = -(-needed // COMPILED_CACHE_ALIGN) * COMPILED_CACHE_ALIGN
+    return min(needed, limit)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def _gqa_attention_forward(self: MultiHeadAttention, x, y=None, *, mask=None, input_pos=None) -> torch.Tensor:
+    """torchtune's self-attention over its KV cache, with two CPU fixes: grouped-query K/V are not expanded
+    (copied) over the whole cache at every step (SDPA's ``enable_gqa``), and attention runs in fp32 (the CPU's
+    bf16 SDPA kernel costs several times the fp32 one at decoding sizes; for fp32 models this is a no-op)."""
+    y = x if y is None else y  # self-attention: torchtune passes the same tensor twice
+    b, s, _ = x.shape
+    q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+    k = self.k_proj(y).view(b, s, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(y).view(b, s, self.num_kv_heads, self.head_dim)
+    if self.pos_embeddings is not None:
+        q = self.pos_embeddings(q, input_pos=input_pos)
+        k = self.pos_embeddings(k, input_pos=input_pos)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if self.q_norm is not None:
+        q = self.q_norm(q)
+    if self.k_norm is not None:
+        k = self.k_norm(k)
+    k, v = self.kv_cache.update(k, v)
+    out = F.scaled_dot_product_attention(
+        q.float(),
+        k.float(),
+        v.float(),
+        attn_mask=mask[:, None] if mask is not None else None,
+        enable_gqa=self.num_heads != self.num_kv_heads,
+    )
+    return self.output_proj(out.to(x.dtype).transpose(1, 2).reshape(b, s, -1))
+
+
+def _plain_self_attention(m: nn.Module) -> bool:
+    return type(m) is MultiHeadAttention and m.is_causal and m.kv_cache is not None and m.cache_enabled
+
+
+# Benchmarks switch this off to time torchtune's own attention (the path before the fast one).
+USE_FAST_ATTENTION = True
+
+
+@contextlib.contextmanager
+def fast_attention(model: nn.Module) -> Iterator[None]:
+    """Within the block, the model's cached self-attention layers use :func:`_gqa_attention_forward`.
+
+    Only plain causal self-attention with an enabled KV cache is switched (encoder/cross-attention and
+    subclasses keep torchtune's forward); the original forwards are restored on exit.
+    """
+    switched = [m for m in model.modules() if _plain_self_attention(m)] if USE_FAST_ATTENTION else []
+    for m in switched:
+        m.forward = types.MethodType(_gqa_attention_forward, m)
+    try:
+        yield
+    finally:
+        for m in switched:
+            del m.forward
+
+
+# ------------------------------------------------------------------------------------------------ the scope
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device (timing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cache_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+class _ReturnHidden:
+    def __init__(self, model):
+        self.model = model
+        self.prev = getattr(model, "return_hidden", None)
+
+    def __enter__(self):
+        if is_medusa(self.model):
+            self.model.set_return_hidden(True)
+
+    def __exit__(self, *exc):
+        if is_medusa(self.model):
+            self.model.set_return_hidden(bool(self.prev))
+
+
+@contextlib.contextmanager
+def decoding_scope(model: nn.Module, *, batch_size: int, cache_len: int) -> Iterator[None]:
+    """Fresh KV caches, ``return_hidden`` and the decoding attention (:func:`fast_attention`) for the block."""
+    with (
+        _ReturnHidden(model),
+        scoped_kv_cache(model, batch_size=batch_size, cache_len=cache_len, dtype=_cache_dtype(model)),
+        fast_attention(model),
+    ):
+        yield
+
+
+# ------------------------------------------------------------------------------------------------ the step
+
+
+@dataclass
+class Acceptance:
+    """How a tree step picks and accepts tokens (see ``medusa_generate``'s docstring).
+
+    Attributes:
+        temperature (float): 0 = greedy.
+        typical (bool): typical acceptance (only used when sampling).
+        posterior_threshold (float): typical acceptance epsilon.
+        posterior_alpha (float): typical acceptance delta.
+        generator (Optional[torch.Generator]): random generator when sampling.
+        topk (int): candidates per head.
+    """
+
+    temperature: float = 0.0
+    typical: bool = False
+    posterior_threshold: float = 0.09
+    posterior_alpha: float = 0.3
+    generator: Optional[torch.Generator] = None
+    topk: int = 10
+
+
+@dataclass
+class DecodeState:
+    """Batch-1 decoding state between tree steps.
+
+    Attributes:
+        length (int): committed tokens in the KV cache (slots ``0..length-1``).
+        root (torch.Tensor): 0-dim, the token the base model picked after the last committed one (not yet cached).
+        hidden (torch.Tensor): ``[d]`` normed hidden state of the last committed token (the heads project it).
+        cache_len (int): slots of the KV cache.
+    """
+
+    length: int
+    root: torch.Tensor
+    hidden: torch.Tensor
+    cache_len: int
+
+
+def tree_mask(tree: TreeBuffers, length: int, cache_len: int) -> torch.Tensor:
+    """``[1, T, cache_len]``: every tree node sees the committed prefix and its own ancestors."""
+    t = tree.num_nodes
+    device = tree.attn_mask.device
+    mask = torch.zeros(1, t, cache_len, dtype=torch.bool, device=device)
+    mask[:, :, :length] = True
+    mask[0, :, length : length + t] = tree.attn_mask
+    return mask
+
+
+@torch.inference_mode()
+def tree_step(
+    fns: StepFunctions,
+    caches: Sequence[nn.Module],
+    state: DecodeState,
+    tree: TreeBuffers,
+    acceptance: Acceptance,
+) -> Tuple[int, List[int]]:
+    """Verify one tree of candidates and commit the accepted path; ``state`` moves on in place.
+
+    The heads' top-k at the last committed position fill the tree below ``state.root``; the ``T`` tree tokens run
+    in one forward at positions ``length + depth`` with a ``[1, T, cache_len]`` mask; the base model's picks decide
+    the longest accepted path (greedy exact match, or typical acceptance); that path's K/V rows move to contiguous
+    slots (:func:`~torchtune_medusa.generation._kv.evict_to_path`); the pick after its last node is the next root.
+    The root-only tree makes this a plain decoding step.
+
+    Args:
+        fns (StepFunctions): the model's step functions.
+        caches (Sequence[nn.Module]): every layer's KV cache, holding ``state.length`` committed tokens.
+        state (DecodeState): the state before the step; updated to the state after it.
+        tree (TreeBuffers): the tree, on the model's device; its ``T`` tokens must fit the cache.
+        acceptance (Acceptance): token selection and acceptance rule.
+
+    Returns:
+        Tuple[int, List[int]]: ``(accepted, tokens)``: how many speculated tokens were accepted, and the tokens
+        the step commits (those plus the bonus token), in order. This is the step's only device-to-host sync.
+    """
+    length = state.length
+    cand = torch.cat([state.root.view(1), fns.propose(state.hidden, tree.max_depth, acceptance.topk)])
+    tree_tokens = cand[tree.tree_indices]  # [T]
+    mask = tree_mask(tree, length, state.cache_len)
+    hidden, logits = fns.forward(tree_tokens[None], mask, (tree.depth + length)[None])
+    hidden, logits = hidden[0], logits[0]  # [T, d], [T, v]
+    temperature, gen = acceptance.temperature, acceptance.generator
+    if acceptance.typical and temperature > 0.0:
+        ok, logp = typical_node_mask(
+            tree_tokens,
+            logits,
+            tree.parent,
+            temperature=temperature,
+            posterior_threshold=acceptance.posterior_threshold,
+            posterior_alpha=acceptance.posterior_alpha,
+        )
+        best, accepted = select_path(ok, tree.retrieve_indices, tree.retrieve_valid, logp)
+        path = tree.retrieve_indices[best]  # [D+1]
+        last = path[accepted]
+        nxt = sample_next(logits[last], temperature=temperature, generator=gen)
+    else:
+        choice = sample_next(logits, temperature=temperature, generator=gen)  # [T]
+        ok = greedy_node_mask(tree_tokens, choice, tree.parent)
+        best, accepted = select_path(ok, tree.retrieve_indices, tree.retrieve_valid)
+        path = tree.retrieve_indices[best]
+        last = path[accepted]
+        nxt = choice[last]
+    host = torch.cat([accepted.view(1), tree_tokens[path], nxt.view(1)]).tolist()
+    a = host[0]
+    evict_to_path(caches, length=length, tree_size=tree.num_nodes, accepted=path[: a + 1])
+    state.length = length + a + 1
+    state.hidden = hidden[last]
+    state.root = nxt
+    return a, host[2 : 2 + a] + [host[-1]]

@@ -29,6 +29,7 @@ Examples::
 """
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -42,6 +43,7 @@ from typing import Dict, List, Optional
 import torch
 
 from torchtune_medusa.generation import (
+    _step,
     build_tree_buffers,
     calibrate_tree,
     chain,
@@ -57,6 +59,7 @@ from torchtune_medusa.generation import (
     topk_per_head_tree,
     tree_stats,
 )
+from torchtune_medusa.generation._settings import decode_compile, decode_dtype, decode_threads
 from torchtune_medusa.generation._tree import MC_SIM_7B_63
 
 TEXT_PROMPTS = [
@@ -310,8 +313,64 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def step_cost_and_eviction(model, sizes, context_len, repeats) -> Dict[str, object]:
-    cost = measure_step_cost(model, sizes, context_len=context_len, repeats=repeats)
+def legacy_step_cost(reference, sizes, context_len, repeats, threads) -> Dict[str, object]:
+    """The step cost of the decoding path before the fast one: fp32, eager, torchtune's attention (GQA K/V expanded
+    over the cache), ``threads`` threads (the old default: every core)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    _step.USE_FAST_ATTENTION = False
+    try:
+        cost = measure_step_cost(reference, sizes, context_len=context_len, repeats=repeats)
+    finally:
+        _step.USE_FAST_ATTENTION = True
+        torch.set_num_threads(saved)
+    return {"dtype": "float32", "compile": False, "attention": "torchtune", "threads": threads, "step_cost_s": cost}
+
+
+def first_divergence(a: List[int], b: List[int]) -> int:
+    """Tokens ``a`` and ``b`` share before they first differ (the shorter length when one is a prefix)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def quality_report(reference, model, prompts, tree, *, max_new_tokens, stop, compile) -> Dict[str, object]:
+    """bf16 is not batch-invariant on CPU, so bf16 greedy output can leave the fp32 greedy path. For each prompt:
+    how many tokens the bf16 baseline and bf16 Medusa produce before they first differ from the fp32 greedy
+    reference. Medusa is quality-neutral when its numbers match the baseline's."""
+    rows = []
+    for p in prompts:
+        ref = generate(reference, [p], max_new_tokens=max_new_tokens, stop_tokens=stop).tokens[0]
+        base = generate(model, [p], max_new_tokens=max_new_tokens, stop_tokens=stop, compile=compile).tokens[0]
+        med = medusa_generate(
+            model, [p], max_new_tokens=max_new_tokens, medusa_choices=tree, stop_tokens=stop, compile=compile
+        ).tokens[0]
+        rows.append(
+            {
+                "reference_tokens": len(ref),
+                "baseline": first_divergence(ref, base),
+                "medusa": first_divergence(ref, med),
+            }
+        )
+
+    def summary(key):
+        agree = [r[key] for r in rows]
+        return {
+            "tokens_before_divergence": agree,
+            "mean": statistics.mean(agree),
+            "median": statistics.median(agree),
+            "identical_to_reference": sum(r[key] == r["reference_tokens"] for r in rows),
+        }
+
+    return {
+        "prompts": len(rows),
+        "max_new_tokens": max_new_tokens,
+        "baseline": summary("baseline"),
+        "medusa": summary("medusa"),
+    }
+
+
+def step_cost_and_eviction(model, sizes, context_len, repeats, compile=False) -> Dict[str, object]:
+    spread: Dict[int, float] = {}
+    cost = measure_step_cost(model, sizes, context_len=context_len, repeats=repeats, compile=compile, spread=spread)
     rel = {t: cost[t] / cost[min(sizes)] for t in sizes}
     # Eviction: gather a path of up to 5 nodes spread over the largest tree in every layer, then roll back.
     device = next(model.parameters()).device
@@ -343,6 +402,7 @@ def step_cost_and_eviction(model, sizes, context_len, repeats) -> Dict[str, obje
         "step_cost_relative_to_T1": {str(t): v for t, v in rel.items()},
         "eviction_s": evict,
         "eviction_fraction_of_step": {str(t): evict / cost[t] for t in sizes},
+        "relative_spread": {str(t): v for t, v in spread.items()},
         "_cost": cost,
     }
 
@@ -371,10 +431,17 @@ def _selected_trees_or_exit(args, num_heads: int, has_trained: bool) -> List[str
 
 
 def run(args) -> Dict[str, object]:
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    threads = decode_threads(args.threads)
+    torch.set_num_threads(threads)
     model, tokenizer = load_model(args)
-    model = model.to(device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    loaded_dtype = next(model.parameters()).dtype
+    dtype = decode_dtype(args.dtype, device) if args.dtype != "as-loaded" else loaded_dtype
+    compile = decode_compile(args.compile, device)
+    # An fp32 copy: the reference of the bf16 quality report and of today's (pre-fast-path) step cost.
+    wants_reference = (dtype != torch.float32 and args.quality_prompts > 0) or args.compare_legacy
+    reference = copy.deepcopy(model).to(device=device, dtype=torch.float32) if wants_reference else None
+    model = model.to(device=device, dtype=dtype)
     k = model.num_medusa_heads
     trained = _trained_tree_or_exit(args, k)
     selected = _selected_trees_or_exit(args, k, trained is not None)
@@ -400,11 +467,23 @@ def run(args) -> Dict[str, object]:
     )
 
     # Baseline outputs (also the data for the head accuracies).
-    base_outs = [generate(model, [p], max_new_tokens=args.max_new_tokens, stop_tokens=stop).tokens[0] for p in prompts]
+    base_outs = [
+        generate(model, [p], max_new_tokens=args.max_new_tokens, stop_tokens=stop, compile=compile).tokens[0]
+        for p in prompts
+    ]
 
     # Step cost curve and eviction cost.
     sizes = parse_step_sizes(args.step_sizes)
-    sc = step_cost_and_eviction(model, sizes, args.context_len, args.cost_repeats)
+    sc = step_cost_and_eviction(model, sizes, args.context_len, args.cost_repeats, compile=compile)
+    if args.compare_legacy:
+        legacy = legacy_step_cost(reference, sizes, args.context_len, args.cost_repeats, args.legacy_threads)
+        sc["legacy"] = {**legacy, "step_cost_s": {str(t): v for t, v in legacy["step_cost_s"].items()}}
+        sc["T1_speedup_over_legacy"] = legacy["step_cost_s"][sizes[0]] / sc["_cost"][sizes[0]]
+        _log(
+            f"1-token step: {sc['_cost'][sizes[0]] * 1e3:.1f} ms vs {legacy['step_cost_s'][sizes[0]] * 1e3:.1f} ms on "
+            f"the legacy path (fp32, eager, torchtune attention, {args.legacy_threads} threads): "
+            f"{sc['T1_speedup_over_legacy']:.2f}x"
+        )
     _log(
         "step cost relative to T=1: " + ", ".join(f"T={t}: {v:.2f}x" for t, v in sc["step_cost_relative_to_T1"].items())
     )
@@ -424,7 +503,8 @@ def run(args) -> Dict[str, object]:
     # The calibrated tree comes from other prompts when there are some (--calibration-prompts), else in-sample.
     if calib_prompts:
         calib_outs = [
-            generate(model, [p], max_new_tokens=args.max_new_tokens, stop_tokens=stop).tokens[0] for p in calib_prompts
+            generate(model, [p], max_new_tokens=args.max_new_tokens, stop_tokens=stop, compile=compile).tokens[0]
+            for p in calib_prompts
         ]
         calib_acc = accuracies(calib_prompts, calib_outs)
     else:
@@ -447,9 +527,9 @@ def run(args) -> Dict[str, object]:
         trees = {n: trees[n] for n in selected if n in trees}
 
     # Warm-up, then interleaved repeats: baseline and every tree in each round.
-    generate(model, [prompts[0]], max_new_tokens=4)
+    generate(model, [prompts[0]], max_new_tokens=4, compile=compile)
     for ch in trees.values():
-        medusa_generate(model, [prompts[0]], max_new_tokens=4, medusa_choices=ch)
+        medusa_generate(model, [prompts[0]], max_new_tokens=4, medusa_choices=ch, compile=compile)
     times = {"baseline": [[] for _ in prompts], **{n: [[] for _ in prompts] for n in trees}}
     ttft = {n: [] for n in times}
     tokens = {n: [0] * len(prompts) for n in times}
@@ -457,12 +537,14 @@ def run(args) -> Dict[str, object]:
     match = {n: True for n in trees}
     for r in range(args.repeats):
         for i, p in enumerate(prompts):
-            o = generate(model, [p], max_new_tokens=args.max_new_tokens, stop_tokens=stop)
+            o = generate(model, [p], max_new_tokens=args.max_new_tokens, stop_tokens=stop, compile=compile)
             times["baseline"][i].append(o.stats.total_time_s)
             ttft["baseline"].append(o.stats.time_to_first_token_s)
             tokens["baseline"][i] = o.stats.new_tokens
             for n, ch in trees.items():
-                m = medusa_generate(model, [p], max_new_tokens=args.max_new_tokens, medusa_choices=ch, stop_tokens=stop)
+                m = medusa_generate(
+                    model, [p], max_new_tokens=args.max_new_tokens, medusa_choices=ch, stop_tokens=stop, compile=compile
+                )
                 times[n][i].append(m.stats.total_time_s)
                 ttft[n].append(m.stats.time_to_first_token_s)
                 tokens[n][i] = m.stats.new_tokens
@@ -503,8 +585,24 @@ def run(args) -> Dict[str, object]:
         )
         results["trees"][n] = s
     sc.pop("_cost")
+    quality = None
+    if dtype != torch.float32 and args.quality_prompts > 0:
+        q_tree = next(n for n in ("trained", "calibrated", *trees) if n in trees)
+        if args.prompt_file:
+            q_prompts = chat_prompts(args.tokenizer_dir, args.prompt_file, args.quality_prompts, skip=args.prompt_skip)[
+                0
+            ]
+        else:
+            q_prompts = (prompts * args.quality_prompts)[: args.quality_prompts]
+        _log(f"bf16 quality report: {len(q_prompts)} prompts, tree {q_tree}, against the fp32 greedy reference")
+        quality = quality_report(
+            reference, model, q_prompts, trees[q_tree], max_new_tokens=args.max_new_tokens, stop=stop, compile=compile
+        )
+        quality["tree"] = q_tree
     return {
         "config": {k: _portable(v) for k, v in vars(args).items()},
+        "settings": {"dtype": str(dtype).replace("torch.", ""), "threads": threads, "compile": compile},
+        "quality_vs_fp32": quality,
         "environment": {
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -600,15 +698,38 @@ def main(argv=None) -> int:
     p.add_argument("--context-len", type=int, default=256)
     p.add_argument("--cost-repeats", type=int, default=3)
     p.add_argument("--stop-tokens", default="", help="comma-separated stop token ids")
-    # On a busy or oversubscribed machine --threads 1 can be several times faster than the default.
-    p.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 8)))
+    # The shipped decode settings are the defaults (torchtune_medusa.generation._settings says why).
+    p.add_argument("--threads", default="auto", help="intra-op threads, or auto: every usable core but one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # bf16 on CPU: tree steps cost little more than a 1-token step, but bf16 kernels are not batch-invariant, so
-    # greedy outputs can drift from the baseline's (the lossless column says when they did).
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: as loaded (fp32; llama8b-random bf16)")
+    # bf16 kernels are not batch-invariant, so bf16 greedy outputs can drift from the baseline's (the lossless
+    # column says when they did; the quality report measures the drift against fp32 for both).
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "as-loaded"],
+        help="auto: bf16 where the hardware computes it natively, else fp32",
+    )
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on for CUDA, off on CPU")
+    p.add_argument(
+        "--quality-prompts",
+        type=int,
+        default=16,
+        help="when not fp32: prompts of the quality report (tokens until bf16 output leaves the fp32 greedy path)",
+    )
+    p.add_argument(
+        "--compare-legacy",
+        action="store_true",
+        help="also time the decoding step of the path before the fast one (fp32, eager, torchtune attention)",
+    )
+    p.add_argument("--legacy-threads", type=int, default=os.cpu_count() or 1, help="threads of --compare-legacy")
     p.add_argument("--out", default="output/bench_decode")
     args = p.parse_args(argv)
-    for name, low in (("num_prompts", 1), ("prompt_skip", 0), ("calibration_prompts", 0), ("max_new_tokens", 1)):
+    try:
+        decode_threads(args.threads)
+    except ValueError as e:
+        p.error(f"--threads: {e}")
+    checks = (("num_prompts", 1), ("prompt_skip", 0), ("calibration_prompts", 0), ("max_new_tokens", 1))
+    for name, low in (*checks, ("quality_prompts", 0), ("legacy_threads", 1)):
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.prompt_file and not Path(args.prompt_file).expanduser().is_file():
@@ -645,11 +766,28 @@ def main(argv=None) -> int:
         "step cost / 1-token step: " + ", ".join(f"T={t}: {v:.2f}" for t, v in sc["step_cost_relative_to_T1"].items())
     )
     print("eviction / step: " + ", ".join(f"T={t}: {100 * v:.2f}%" for t, v in sc["eviction_fraction_of_step"].items()))
+    if "T1_speedup_over_legacy" in sc:
+        legacy = sc["legacy"]["step_cost_s"]
+        print(
+            "legacy path (fp32, eager, torchtune attention) step cost / its 1-token step: "
+            + ", ".join(f"T={t}: {v / legacy[min(legacy, key=int)]:.2f}" for t, v in legacy.items())
+            + f"; this run's 1-token step is {sc['T1_speedup_over_legacy']:.2f}x faster"
+        )
+    q = res["quality_vs_fp32"]
+    if q:
+        print(
+            f"{res['settings']['dtype']} vs fp32 greedy, {q['prompts']} prompts x {q['max_new_tokens']} tokens: tokens "
+            f"before the first difference, mean (median): baseline {q['baseline']['mean']:.1f} "
+            f"({q['baseline']['median']:.0f}), Medusa {q['tree']} {q['medusa']['mean']:.1f} "
+            f"({q['medusa']['median']:.0f}); "
+            f"identical to fp32: baseline {q['baseline']['identical_to_reference']}, "
+            f"Medusa {q['medusa']['identical_to_reference']}"
+        )
     print(f"wrote {out / 'bench_decode.json'} and {out / 'bench_decode.png'} ({res['wall_time_s']:.0f} s)")
     differ = [n for n, t in res["trees"].items() if not t["greedy_output_equals_baseline"]]
     if differ:
         what = f"greedy Medusa output differs from the baseline's with tree(s) {', '.join(differ)}"
-        if args.dtype == "bfloat16":
+        if res["settings"]["dtype"] != "float32":
             print(f"note: {what}: bf16 kernels give batch-size-dependent rounding, so this is expected in bf16")
         else:
             print(f"error: {what}; tree decoding must be lossless in fp32", file=sys.stderr)

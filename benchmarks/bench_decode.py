@@ -116,11 +116,11 @@ def _tiny_model(num_heads: int):
     return model.eval(), None
 
 
-def _smollm2_random(num_heads: int):
+def _smollm2_random(num_heads: int, projection: str = "shared"):
     from torchtune_medusa.models import medusa_smollm2_135m
 
     torch.manual_seed(0)
-    model = medusa_smollm2_135m(medusa_num_heads=num_heads)
+    model = medusa_smollm2_135m(medusa_num_heads=num_heads, medusa_projection=projection)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -128,7 +128,7 @@ def _smollm2_random(num_heads: int):
     return model.eval(), None
 
 
-def _load_hf(checkpoint_dir: Path, heads_dir, builder: str, model_type: str, num_heads: int):
+def _load_hf(checkpoint_dir: Path, heads_dir, builder: str, model_type: str, num_heads: int, projection: str):
     """Base weights through torchtune's HF path, heads from the sidecar (or freshly initialised)."""
     from torchtune import training
 
@@ -142,7 +142,7 @@ def _load_hf(checkpoint_dir: Path, heads_dir, builder: str, model_type: str, num
     kwargs = dict(
         medusa_num_heads=int(medusa_cfg.get("medusa_num_heads", num_heads)),
         medusa_num_layers=int(medusa_cfg.get("medusa_num_layers", 1)),
-        medusa_projection=medusa_cfg.get("medusa_projection", "own"),
+        medusa_projection=medusa_cfg.get("medusa_projection", projection),
     )
     files = sorted(p.name for p in checkpoint_dir.glob("*.safetensors") if not p.name.startswith("medusa_"))
     with tempfile.TemporaryDirectory() as out:
@@ -205,7 +205,7 @@ def load_model(args):
     if args.model == "tiny":
         return _tiny_model(args.num_heads)
     if args.model == "smollm2-random":
-        return _smollm2_random(args.num_heads)
+        return _smollm2_random(args.num_heads, args.head_projection)
     if args.model == "llama8b-random":
         from torchtune_medusa.models import medusa_llama3_1_8b
 
@@ -219,7 +219,7 @@ def load_model(args):
         if args.medusa_choices is None and (ckpt / "medusa_choices.json").is_file():
             args.medusa_choices = str(ckpt / "medusa_choices.json")  # the tree training calibrated
         args.tokenizer_dir = str(ckpt if (ckpt / "tokenizer.json").is_file() else Path(args.checkpoint))
-        return _load_hf(ckpt, args.heads, args.builder, args.model_type, args.num_heads)
+        return _load_hf(ckpt, args.heads, args.builder, args.model_type, args.num_heads, args.head_projection)
     # smollm2
     from torchtune_medusa import assets
 
@@ -229,9 +229,9 @@ def load_model(args):
     except Exception as e:  # noqa: BLE001 - any asset problem: fall back, and say so
         _log(f"SmolLM2 asset unavailable ({e}); using a SmolLM2-shaped random model")
         args.model = "smollm2-random"
-        return _smollm2_random(args.num_heads)
+        return _smollm2_random(args.num_heads, args.head_projection)
     args.tokenizer_dir = str(path)
-    return _load_hf(path, args.heads, "medusa_smollm2_135m", "LLAMA3", args.num_heads)
+    return _load_hf(path, args.heads, "medusa_smollm2_135m", "LLAMA3", args.num_heads, args.head_projection)
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -674,6 +674,12 @@ def main(argv=None) -> int:
     p.add_argument("--builder", default="medusa_smollm2_135m", help="torchtune_medusa.models builder for --checkpoint")
     p.add_argument("--model-type", default="LLAMA3", help="torchtune checkpointer model_type for --checkpoint")
     p.add_argument("--num-heads", type=int, default=4, help="heads to create when the checkpoint has none")
+    p.add_argument(
+        "--head-projection",
+        default="shared",
+        choices=["shared", "own"],
+        help="layout of heads made when the checkpoint has none (shared: the base output layer, as the configs train)",
+    )
     p.add_argument("--num-prompts", type=int, default=3)
     p.add_argument(
         "--prompt-file",
@@ -709,7 +715,7 @@ def main(argv=None) -> int:
         choices=["auto", "float32", "bfloat16", "as-loaded"],
         help="auto: bf16 where the hardware computes it natively, else fp32",
     )
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on for CUDA, off on CPU")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on (compiled step, weights prepacked on CPU)")
     p.add_argument(
         "--quality-prompts",
         type=int,

@@ -17,13 +17,23 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torchtune import config, training, utils
 from torchtune.data import Message
 
 from torchtune_medusa._config import register_resolvers
-from torchtune_medusa.generation import generate, medusa_generate, resolve_choices, TREE_FILENAME, validate_choices
+from torchtune_medusa.generation import (
+    decode_compile,
+    decode_dtype,
+    decode_threads,
+    generate,
+    medusa_generate,
+    resolve_choices,
+    TREE_FILENAME,
+    validate_choices,
+)
 
 register_resolvers()
 logger = utils.get_logger("INFO")
@@ -163,13 +173,20 @@ class MedusaGenerateRecipe:
     Config keys besides torchtune's usual ``model``/``checkpointer``/``tokenizer``/``device``/``dtype``/``seed``:
     ``prompts``, ``prompt_file``, ``max_prompts``, ``system_prompt``, ``chat`` (apply the chat template),
     ``max_new_tokens``, ``medusa_choices``, ``acceptance`` (greedy | typical), ``temperature``,
-    ``posterior_threshold``, ``posterior_alpha``, ``compare_baseline`` and ``output_dir`` (where
-    ``generate_results.json`` goes).
+    ``posterior_threshold``, ``posterior_alpha``, ``compare_baseline``, ``output_dir`` (where
+    ``generate_results.json`` goes), and the decode settings ``threads`` and ``compile`` (``auto`` picks what the
+    README's measurements found fastest; ``dtype: auto`` is bf16 where the hardware computes it natively).
     """
 
     def __init__(self, cfg: DictConfig) -> None:
         self._device = utils.get_device(device=cfg.device)
-        self._dtype = training.get_dtype(dtype=cfg.dtype, device=self._device)
+        if cfg.get("dtype", "auto") == "auto":
+            self._dtype = decode_dtype("auto", self._device)
+        else:
+            self._dtype = training.get_dtype(dtype=cfg.dtype, device=self._device)
+        self._compile = decode_compile(cfg.get("compile", "auto"), self._device)
+        if self._device.type == "cpu":
+            torch.set_num_threads(decode_threads(cfg.get("threads", "auto")))
         check_sampling(cfg)
         training.set_seed(seed=cfg.get("seed"))
 
@@ -208,6 +225,7 @@ class MedusaGenerateRecipe:
             temperature=cfg.get("temperature", 0.0),
             stop_tokens=stop_tokens,
             seed=cfg.get("seed"),
+            compile=self._compile,
         )
         medusa = medusa_generate(
             self._model,

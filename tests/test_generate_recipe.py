@@ -27,10 +27,12 @@ def hf_dir(tmp_path_factory):
 
 
 def tiny_overrides(hf_dir, out, tree="chain3"):
-    """The shipped smollm2/135M_generate config on the tiny checkpoint (3 heads, as shipped)."""
+    """The shipped smollm2/135M_generate config on the tiny checkpoint (3 heads, as shipped), in fp32 (lossless,
+    bit for bit) and eager (no compile time in tests)."""
     model_args = [f"model.{k}={v}" for k, v in TINY_CHAT_ARGS.items()]
     return ["model._component_=torchtune_medusa.models.medusa_smollm2", "model.rope_base=10000", *model_args,
             f"checkpointer.checkpoint_dir={hf_dir}", f"output_dir={out}", "max_new_tokens=12",
+            "dtype=fp32", "compile=off",
             *([f"medusa_choices={tree}"] if tree else [])]  # fmt: skip
 
 

@@ -95,6 +95,12 @@ def test_compiled_step_equals_eager_in_fp32():
     for (ke, ve), (kc, vc) in zip(eager[2], compiled[2]):
         torch.testing.assert_close(kc, ke, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(vc, ve, rtol=1e-5, atol=1e-5)
+    # Compiled graphs hold frozen weights: an in-place weight update means new graphs, not stale output.
+    with torch.no_grad():
+        model.medusa_heads[0][0].linear.bias.add_(0.5)
+    assert step_functions(model, compile=True) is not compiled_fns
+    with torch.no_grad():
+        model.medusa_heads[0][0].linear.bias.sub_(0.5)
     # The whole compiled decoder is lossless against the eager baseline.
     prompts = _prompts(2, seed=4)
     base = generate(model, prompts, max_new_tokens=12).tokens

@@ -31,6 +31,7 @@ from torchtune_medusa.generation._sampling import (
     typical_node_mask,
     typical_threshold,
 )
+from torchtune_medusa.generation._settings import decode_compile, decode_dtype, decode_threads, native_bf16
 from torchtune_medusa.generation._tree import (
     build_tree_buffers,
     chain,
@@ -69,6 +70,10 @@ __all__ = [
     "ZEPHYR_STAGE2",
     "build_tree_buffers",
     "chain",
+    "decode_compile",
+    "decode_dtype",
+    "decode_threads",
+    "native_bf16",
     "evict_to_path",
     "generate",
     "greedy_node_mask",

@@ -49,6 +49,11 @@ class StepFunctions:
 
     Use :func:`step_functions` to get one: it keeps compiled graphs alive across calls for the same model.
 
+    On CPU, compiling also *freezes* the weights (inductor's ``freezing``): they become constants of the graph,
+    prepacked once for oneDNN instead of reordered at every matmul, which roughly halves a bf16 step on an
+    AVX512-BF16 CPU. The graphs are then only valid for those weights; :func:`step_functions` recompiles when the
+    weights change.
+
     Args:
         model (nn.Module): a :class:`MedusaTransformerDecoder` or a torchtune ``TransformerDecoder``.
         compile (bool): compile :meth:`forward` and :meth:`propose` with ``torch.compile`` (static shapes).
@@ -62,15 +67,20 @@ class StepFunctions:
         self.compiled = compile
         if compile:  # one graph per (tree size, cache size, batch size): more than dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._forward = torch.compile(self._eager_forward, dynamic=False) if compile else self._eager_forward
-        self._propose = torch.compile(self._eager_propose, dynamic=False) if compile else self._eager_propose
+        self.weights_key = _weights_key(model)
+        options = {"freezing": True} if next(model.parameters()).device.type == "cpu" else None
+        self._forward, self._propose = self._eager_forward, self._eager_propose
+        if compile:
+            self._forward = torch.compile(self._eager_forward, dynamic=False, options=options)
+            self._propose = torch.compile(self._eager_propose, dynamic=False, options=options)
 
     def _eager_forward(self, tokens, mask, input_pos) -> Tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model(tokens, mask=mask, input_pos=input_pos)
         return hidden, self.model.project(hidden, 0)
 
     def _eager_propose(self, hidden: torch.Tensor, depth: int, topk: int) -> torch.Tensor:
-        return torch.topk(self.model.medusa_logits(hidden, depth), topk, dim=-1).indices.flatten()
+        # [1, d] rather than [d]: inductor's weight-prepacking (freezing) passes expect a batch dimension.
+        return torch.topk(self.model.medusa_logits(hidden[None], depth), topk, dim=-1).indices.flatten()
 
     def forward(self, tokens, mask, input_pos) -> Tuple[torch.Tensor, torch.Tensor]:
         """The new tokens of one step through the KV cache: ``(hidden [b, s, d], base logits [b, s, v])``."""
@@ -91,12 +101,27 @@ class StepFunctions:
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, StepFunctions]" = weakref.WeakKeyDictionary()
 
 
+def _weights_key(model: nn.Module):
+    """Changes whenever a weight is updated in place (an optimizer step), replaced, moved or cast."""
+    key = []
+    for p in model.parameters():
+        try:
+            version = p._version
+        except RuntimeError:  # an inference tensor: it cannot be updated in place outside inference mode anyway
+            version = -1
+        key.append((p.data_ptr(), p.dtype, p.device, version))
+    return tuple(key)
+
+
 def step_functions(model: nn.Module, *, compile: bool = False) -> StepFunctions:
-    """The :class:`StepFunctions` of ``model``; compiled ones are kept (per model) so graphs compile once."""
+    """The :class:`StepFunctions` of ``model``. Compiled ones are kept per model so that graphs compile once, and
+    rebuilt (recompiled) when the weights have changed since, because compiled graphs hold frozen weights."""
     if not compile:
         return StepFunctions(model)
     fns = _CACHE.get(model)
-    if fns is None:
+    if fns is None or fns.weights_key != _weights_key(model):
+        if fns is not None:
+            torch._dynamo.reset()  # drop the graphs of the old weights
         fns = _CACHE[model] = StepFunctions(model, compile=True)
     return fns
 

@@ -715,7 +715,12 @@ def main(argv=None) -> int:
         choices=["auto", "float32", "bfloat16", "as-loaded"],
         help="auto: bf16 where the hardware computes it natively, else fp32",
     )
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on (compiled step, weights prepacked on CPU)")
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="auto: on (compiled step, weights prepacked on CPU)",
+    )
     p.add_argument(
         "--quality-prompts",
         type=int,

@@ -69,8 +69,10 @@ def write_tiny_hf_checkpoint(folder, *, seed: int = 0):
     base = smollm2(**TINY_CHAT_ARGS, rope_base=10_000)
     state_dict = {k: v.contiguous() for k, v in base.state_dict().items()}
     a = TINY_CHAT_ARGS
-    save_file(tune_to_hf(state_dict, num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], dim=a["embed_dim"]),
-              str(folder / "model.safetensors"))
+    save_file(
+        tune_to_hf(state_dict, num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], dim=a["embed_dim"]),
+        str(folder / "model.safetensors"),
+    )
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

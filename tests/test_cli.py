@@ -78,8 +78,11 @@ def test_tune_ls_cat_cp(tmp_path):
 
 
 def test_python_m_fallback_lists_recipes(tmp_path):
-    assert "medusa_finetune" in run([sys.executable, "-S", "-m", "torchtune_medusa", "ls"], cwd=tmp_path, env={
-        **os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    assert "medusa_finetune" in run(
+        [sys.executable, "-S", "-m", "torchtune_medusa", "ls"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
 
 
 @pytest.mark.slow
@@ -119,8 +122,19 @@ def test_wheel_install_outside_repo(tmp_path):
 def test_tune_run_outside_repo(smollm2_assets, tmp_path, launcher):
     """The embedded default config, cut to two steps on 16 conversations (the full run is `make demo`)."""
     quick = ["epochs=1", "max_steps_per_epoch=2", "dataset.split=train[:16]", "validation=null"]
-    run([TUNE, "run", *launcher, "medusa_finetune", "--config", "smollm2/135M_medusa",
-         f"output_dir={tmp_path / 'out'}", *quick], cwd=tmp_path)
+    run(
+        [
+            TUNE,
+            "run",
+            *launcher,
+            "medusa_finetune",
+            "--config",
+            "smollm2/135M_medusa",
+            f"output_dir={tmp_path / 'out'}",
+            *quick,
+        ],
+        cwd=tmp_path,
+    )
     assert (tmp_path / "out" / "epoch_0" / "medusa_lm_head.safetensors").is_file()
 
 

@@ -42,8 +42,12 @@ DEMO_EPOCHS ?= 4
 DEMO_NEW_TOKENS ?= 128
 DEMO_BENCH_PROMPTS ?= 4
 DEMO_BENCH_REPEATS ?= 3
-DEMO_TREES ?= trained,chain1,topk4-2-1
+DEMO_TREES ?= trained,calibrated,chain1,topk4-2-1
 DEMO_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
+# Decoding runs with the shipped decode settings (bf16 where native, every core but one, compiled step); the
+# benchmark also times the pre-fast-path step (fp32, eager, all cores) and reports bf16 against fp32 greedy output.
+DEMO_COMPILE ?= auto
+DEMO_QUALITY_PROMPTS ?= 16
 CACHE = $$($(BIN)/python -m torchtune_medusa.assets path)
 SELF_DISTILL = $(BIN)/python -m torchtune_medusa.data.self_distill --batch-size 16 --max-prompt-len 384 \
   --max-new-tokens $(DEMO_NEW_TOKENS) --threads $(DEMO_THREADS)
@@ -55,14 +59,15 @@ demo: assets
 	  dataset.data_files=$(DEMO_OUT)/data/train.jsonl dataset.split=train dataset.max_seq_len=512 \
 	  tokenizer.max_seq_len=512 validation.dataset.data_files=$(DEMO_OUT)/data/heldout.jsonl \
 	  validation.dataset.max_seq_len=512
-	$(BIN)/python benchmarks/bench_decode.py --model checkpoint --checkpoint $(DEMO_OUT) --threads $(DEMO_THREADS) \
+	$(BIN)/python benchmarks/bench_decode.py --model checkpoint --checkpoint $(DEMO_OUT) --compile $(DEMO_COMPILE) \
+	  --compare-legacy --quality-prompts $(DEMO_QUALITY_PROMPTS) \
 	  --prompt-file $(CACHE)/sharegpt/heldout.jsonl --prompt-skip $(DEMO_VAL_PROMPTS) --num-prompts $(DEMO_BENCH_PROMPTS) \
 	  --max-new-tokens $(DEMO_NEW_TOKENS) --repeats $(DEMO_BENCH_REPEATS) --trees '$(DEMO_TREES)' \
 	  --step-sizes 1,2,4,8,16 --context-len 256 --out $(DEMO_OUT)/bench
 
 demo-quick:
 	$(MAKE) demo DEMO_OUT=output/smollm2_135m_medusa_quick DEMO_PROMPTS=32 DEMO_VAL_PROMPTS=8 DEMO_EPOCHS=2 \
-	  DEMO_NEW_TOKENS=64 DEMO_BENCH_PROMPTS=2 DEMO_BENCH_REPEATS=1
+	  DEMO_NEW_TOKENS=64 DEMO_BENCH_PROMPTS=2 DEMO_BENCH_REPEATS=1 DEMO_COMPILE=off DEMO_QUALITY_PROMPTS=4
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

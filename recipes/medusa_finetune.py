@@ -11,6 +11,7 @@ A fork of torchtune 0.6.1's ``full_finetune_distributed`` (copy-and-hack). Launc
     tune run --nproc_per_node 8 medusa_finetune --config llama3_3/llama_medusa.yaml
 """
 
+import copy
 import difflib
 import inspect
 import math
@@ -47,7 +48,7 @@ from tqdm import tqdm
 
 from torchtune_medusa._config import register_resolvers
 from torchtune_medusa.data._utils import check_local_data_file
-from torchtune_medusa.generation import calibrate_tree, measure_step_cost
+from torchtune_medusa.generation import calibrate_tree, decode_dtype, decode_threads, measure_step_cost
 from torchtune_medusa.modules.loss import medusa_loss_metrics, MedusaSelfDistillationLoss
 from torchtune_medusa.training._recipe_utils import (
     atomic_directory,
@@ -149,6 +150,7 @@ VALIDATION_KEYS = frozenset(
         "batch_size",
         "calibrate_tree_nodes",
         "dataset",
+        "decode_dtype",
         "decode_with_calibrated_tree",
         "every_n_steps",
         "max_new_tokens",
@@ -1093,11 +1095,24 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
 
     def _calibrate_tree_for_speed(self, model: nn.Module, agreement, max_nodes: int) -> List[List[int]]:
         """The tree with the most expected tokens per second on this machine: the measured agreement table and
-        the measured cost of T-token tree steps (possibly the empty tree, when plain decoding is faster)."""
+        the measured cost of T-token tree steps (possibly the empty tree, when plain decoding is faster).
+
+        Steps are timed as decoding will run them: in ``validation.decode_dtype`` (default auto: bf16 where the
+        hardware computes it natively) and, on CPU, with the decoding thread count (every core but one). They
+        are timed eagerly: compiling every size would cost minutes here."""
         sizes = sorted({1, 2, 4, 8, 16, 32, 64, max_nodes + 1} & set(range(1, max_nodes + 2)))
-        step_cost = measure_step_cost(
-            model, sizes, context_len=int(self._val_cfg.get("max_prompt_len", 128)), repeats=3
-        )
+        dtype = decode_dtype(str(self._val_cfg.get("decode_dtype", "auto")), self._device)
+        timed = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
+        threads = torch.get_num_threads()
+        if self._device.type == "cpu":
+            torch.set_num_threads(decode_threads("auto"))
+        try:
+            step_cost = measure_step_cost(
+                timed, sizes, context_len=int(self._val_cfg.get("max_prompt_len", 128)), repeats=5
+            )
+        finally:
+            torch.set_num_threads(threads)
+        del timed
         best = calibrate_tree(agreement, step_cost, max_nodes=max_nodes)
         cost_ms = {t: round(c * 1e3, 2) for t, c in step_cost.items()}
         log.info(

@@ -30,7 +30,18 @@ def test_tiny_end_to_end_writes_results(bench, tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["--model", "tiny", "--num-heads", "3", "--num-prompts", "2", "--max-new-tokens", "12", "--repeats", "1"]
     argv += ["--step-sizes", "1,4", "--context-len", "16", "--cost-repeats", "1", "--threads", "1"]
-    argv += ["--max-nodes", "8", "--trees", "chain1,calibrated", "--out", str(out), "--dtype", "float32"]
+    argv += [
+        "--max-nodes",
+        "8",
+        "--trees",
+        "chain1,calibrated",
+        "--out",
+        str(out),
+        "--dtype",
+        "float32",
+        "--compile",
+        "off",
+    ]
     assert bench.main(argv) == 0
     res = json.loads((out / "bench_decode.json").read_text())
     assert (out / "bench_decode.png").stat().st_size > 0
@@ -50,7 +61,17 @@ def test_bf16_quality_report_and_the_legacy_step_side_by_side(bench, tmp_path, c
     out = tmp_path / "bench"
     argv = ["--model", "tiny", "--num-heads", "2", "--num-prompts", "2", "--max-new-tokens", "10", "--repeats", "1"]
     argv += ["--step-sizes", "1,3", "--context-len", "16", "--cost-repeats", "1", "--threads", "1", "--max-nodes", "4"]
-    argv += ["--trees", "chain1", "--dtype", "bfloat16", "--quality-prompts", "3", "--compare-legacy"]
+    argv += [
+        "--trees",
+        "chain1",
+        "--dtype",
+        "bfloat16",
+        "--quality-prompts",
+        "3",
+        "--compare-legacy",
+        "--compile",
+        "off",
+    ]
     assert bench.main([*argv, "--legacy-threads", "1", "--out", str(out)]) == 0  # bf16 output may differ: no error
     res = json.loads((out / "bench_decode.json").read_text())
     q = res["quality_vs_fp32"]
@@ -112,7 +133,7 @@ def test_a_lossy_tree_fails_the_benchmark(bench, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "medusa_generate", corrupted)
     argv = ["--model", "tiny", "--num-heads", "2", "--num-prompts", "1", "--max-new-tokens", "6", "--repeats", "1"]
     argv += ["--step-sizes", "1,2", "--context-len", "8", "--cost-repeats", "1", "--threads", "1"]
-    argv += ["--trees", "chain1", "--out", str(tmp_path), "--dtype", "float32"]
+    argv += ["--trees", "chain1", "--out", str(tmp_path), "--dtype", "float32", "--compile", "off"]
     assert bench.main(argv) == 1
     assert "differs from the baseline's with tree(s) chain1" in capsys.readouterr().err
 

@@ -48,6 +48,9 @@ DEMO_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 # benchmark also times the pre-fast-path step (fp32, eager, all cores) and reports bf16 against fp32 greedy output.
 DEMO_COMPILE ?= auto
 DEMO_QUALITY_PROMPTS ?= 16
+# Heads propose only the most frequent tokens of the self-distilled replies: the proposal's vocabulary projection
+# is the largest single cost of a SmolLM2 tree step on CPU (0 = the whole vocabulary).
+DEMO_PROPOSAL_VOCAB ?= 8192
 CACHE = $$($(BIN)/python -m torchtune_medusa.assets path)
 SELF_DISTILL = $(BIN)/python -m torchtune_medusa.data.self_distill --batch-size 16 --max-prompt-len 384 \
   --max-new-tokens $(DEMO_NEW_TOKENS) --threads $(DEMO_THREADS)
@@ -61,6 +64,7 @@ demo: assets
 	  validation.dataset.max_seq_len=512
 	$(BIN)/python benchmarks/bench_decode.py --model checkpoint --checkpoint $(DEMO_OUT) --compile $(DEMO_COMPILE) \
 	  --compare-legacy --quality-prompts $(DEMO_QUALITY_PROMPTS) \
+	  --proposal-vocab $(DEMO_PROPOSAL_VOCAB) --proposal-vocab-from $(DEMO_OUT)/data/train.jsonl \
 	  --prompt-file $(CACHE)/sharegpt/heldout.jsonl --prompt-skip $(DEMO_VAL_PROMPTS) --num-prompts $(DEMO_BENCH_PROMPTS) \
 	  --max-new-tokens $(DEMO_NEW_TOKENS) --repeats $(DEMO_BENCH_REPEATS) --trees '$(DEMO_TREES)' \
 	  --step-sizes 1,2,4,8,16 --context-len 256 --out $(DEMO_OUT)/bench

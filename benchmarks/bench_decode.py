@@ -30,6 +30,7 @@ Examples::
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import platform
@@ -48,6 +49,7 @@ from torchtune_medusa.generation import (
     calibrate_tree,
     chain,
     evict_to_path,
+    frequent_tokens,
     generate,
     kv_caches,
     load_tree,
@@ -332,7 +334,9 @@ def first_divergence(a: List[int], b: List[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def quality_report(reference, model, prompts, tree, *, max_new_tokens, stop, compile) -> Dict[str, object]:
+def quality_report(
+    reference, model, prompts, tree, *, max_new_tokens, stop, compile, proposal_vocab=None
+) -> Dict[str, object]:
     """bf16 is not batch-invariant on CPU, so bf16 greedy output can leave the fp32 greedy path. For each prompt:
     how many tokens the bf16 baseline and bf16 Medusa produce before they first differ from the fp32 greedy
     reference. Medusa is quality-neutral when its numbers match the baseline's."""
@@ -341,7 +345,13 @@ def quality_report(reference, model, prompts, tree, *, max_new_tokens, stop, com
         ref = generate(reference, [p], max_new_tokens=max_new_tokens, stop_tokens=stop).tokens[0]
         base = generate(model, [p], max_new_tokens=max_new_tokens, stop_tokens=stop, compile=compile).tokens[0]
         med = medusa_generate(
-            model, [p], max_new_tokens=max_new_tokens, medusa_choices=tree, stop_tokens=stop, compile=compile
+            model,
+            [p],
+            max_new_tokens=max_new_tokens,
+            medusa_choices=tree,
+            stop_tokens=stop,
+            compile=compile,
+            proposal_vocab=proposal_vocab,
         ).tokens[0]
         rows.append(
             {
@@ -368,9 +378,34 @@ def quality_report(reference, model, prompts, tree, *, max_new_tokens, stop, com
     }
 
 
-def step_cost_and_eviction(model, sizes, context_len, repeats, compile=False) -> Dict[str, object]:
+def proposal_vocab(args, tokenizer, vocab_size: int) -> Optional[torch.Tensor]:
+    """``--proposal-vocab N``: the N most frequent tokens of the replies in ``--proposal-vocab-from`` (a ShareGPT
+    JSONL such as the self-distillation data the heads were trained on), or None for the whole vocabulary."""
+    if not args.proposal_vocab:
+        return None
+    if tokenizer is None or not args.proposal_vocab_from:
+        raise SystemExit("--proposal-vocab needs --proposal-vocab-from FILE and a model with a tokenizer.json")
+    replies = []
+    with open(Path(args.proposal_vocab_from).expanduser()) as f:
+        for line in itertools.islice(f, 5000):
+            turns = json.loads(line).get("conversations", [])
+            replies += [t["value"] for t in turns if t.get("from") == "gpt"]
+    vocab = frequent_tokens((tokenizer.encode(r).ids for r in replies), args.proposal_vocab, vocab_size)
+    _log(f"proposal vocabulary: the {len(vocab)} most frequent tokens of {len(replies)} replies")
+    return vocab
+
+
+def step_cost_and_eviction(model, sizes, context_len, repeats, compile=False, proposal_vocab=None) -> Dict[str, object]:
     spread: Dict[int, float] = {}
-    cost = measure_step_cost(model, sizes, context_len=context_len, repeats=repeats, compile=compile, spread=spread)
+    cost = measure_step_cost(
+        model,
+        sizes,
+        context_len=context_len,
+        repeats=repeats,
+        compile=compile,
+        proposal_vocab=proposal_vocab,
+        spread=spread,
+    )
     rel = {t: cost[t] / cost[min(sizes)] for t in sizes}
     # Eviction: gather a path of up to 5 nodes spread over the largest tree in every layer, then roll back.
     device = next(model.parameters()).device
@@ -474,7 +509,8 @@ def run(args) -> Dict[str, object]:
 
     # Step cost curve and eviction cost.
     sizes = parse_step_sizes(args.step_sizes)
-    sc = step_cost_and_eviction(model, sizes, args.context_len, args.cost_repeats, compile=compile)
+    vocab = proposal_vocab(args, tokenizer, model.tok_embeddings.num_embeddings)
+    sc = step_cost_and_eviction(model, sizes, args.context_len, args.cost_repeats, compile, vocab)
     if args.compare_legacy:
         legacy = legacy_step_cost(reference, sizes, args.context_len, args.cost_repeats, args.legacy_threads)
         sc["legacy"] = {**legacy, "step_cost_s": {str(t): v for t, v in legacy["step_cost_s"].items()}}
@@ -529,7 +565,7 @@ def run(args) -> Dict[str, object]:
     # Warm-up, then interleaved repeats: baseline and every tree in each round.
     generate(model, [prompts[0]], max_new_tokens=4, compile=compile)
     for ch in trees.values():
-        medusa_generate(model, [prompts[0]], max_new_tokens=4, medusa_choices=ch, compile=compile)
+        medusa_generate(model, [prompts[0]], max_new_tokens=4, medusa_choices=ch, compile=compile, proposal_vocab=vocab)
     times = {"baseline": [[] for _ in prompts], **{n: [[] for _ in prompts] for n in trees}}
     ttft = {n: [] for n in times}
     tokens = {n: [0] * len(prompts) for n in times}
@@ -543,7 +579,13 @@ def run(args) -> Dict[str, object]:
             tokens["baseline"][i] = o.stats.new_tokens
             for n, ch in trees.items():
                 m = medusa_generate(
-                    model, [p], max_new_tokens=args.max_new_tokens, medusa_choices=ch, stop_tokens=stop, compile=compile
+                    model,
+                    [p],
+                    max_new_tokens=args.max_new_tokens,
+                    medusa_choices=ch,
+                    stop_tokens=stop,
+                    compile=compile,
+                    proposal_vocab=vocab,
                 )
                 times[n][i].append(m.stats.total_time_s)
                 ttft[n].append(m.stats.time_to_first_token_s)
@@ -596,12 +638,20 @@ def run(args) -> Dict[str, object]:
             q_prompts = (prompts * args.quality_prompts)[: args.quality_prompts]
         _log(f"bf16 quality report: {len(q_prompts)} prompts, tree {q_tree}, against the fp32 greedy reference")
         quality = quality_report(
-            reference, model, q_prompts, trees[q_tree], max_new_tokens=args.max_new_tokens, stop=stop, compile=compile
+            reference,
+            model,
+            q_prompts,
+            trees[q_tree],
+            max_new_tokens=args.max_new_tokens,
+            stop=stop,
+            compile=compile,
+            proposal_vocab=vocab,
         )
         quality["tree"] = q_tree
     return {
         "config": {k: _portable(v) for k, v in vars(args).items()},
         "settings": {"dtype": str(dtype).replace("torch.", ""), "threads": threads, "compile": compile},
+        "proposal_vocab_size": int(vocab.numel()) if vocab is not None else None,
         "quality_vs_fp32": quality,
         "environment": {
             "torch": torch.__version__,
@@ -728,6 +778,13 @@ def main(argv=None) -> int:
         help="when not fp32: prompts of the quality report (tokens until bf16 output leaves the fp32 greedy path)",
     )
     p.add_argument(
+        "--proposal-vocab",
+        type=int,
+        default=0,
+        help="heads propose only the N most frequent tokens of --proposal-vocab-from (0: the whole vocabulary)",
+    )
+    p.add_argument("--proposal-vocab-from", help="ShareGPT JSONL whose replies give the token frequencies")
+    p.add_argument(
         "--compare-legacy",
         action="store_true",
         help="also time the decoding step of the path before the fast one (fp32, eager, torchtune attention)",
@@ -740,7 +797,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(f"--threads: {e}")
     checks = (("num_prompts", 1), ("prompt_skip", 0), ("calibration_prompts", 0), ("max_new_tokens", 1))
-    for name, low in (*checks, ("quality_prompts", 0), ("legacy_threads", 1)):
+    if args.proposal_vocab and not (args.proposal_vocab_from and Path(args.proposal_vocab_from).expanduser().is_file()):
+        p.error(
+            f"--proposal-vocab {args.proposal_vocab} needs --proposal-vocab-from FILE (a ShareGPT JSONL), got "
+            f"{args.proposal_vocab_from!r}"
+        )
+    for name, low in (*checks, ("quality_prompts", 0), ("legacy_threads", 1), ("proposal_vocab", 0)):
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.prompt_file and not Path(args.prompt_file).expanduser().is_file():

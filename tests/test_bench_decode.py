@@ -50,6 +50,7 @@ def test_tiny_end_to_end_writes_results(bench, tmp_path, capsys):
         assert tree["greedy_output_equals_baseline"] is True
         assert tree["tau"] > 1.0 and tree["speedup"] > 0  # the tiny heads are trained: some guesses are accepted
     assert res["settings"] == {"dtype": "float32", "threads": 1, "compile": False}
+    assert res["proposal_vocab_size"] is None
     assert res["quality_vs_fp32"] is None  # fp32 is the reference itself
     assert len(res["head_top1"]) == 3 and all(0.0 <= a <= 1.0 for a in res["head_top1"])
     assert res["prompts"] == {"source": "built-in", "count": 2, "lengths": res["prompts"]["lengths"]}
@@ -86,6 +87,18 @@ def test_bf16_quality_report_and_the_legacy_step_side_by_side(bench, tmp_path, c
     assert res["step_cost"]["T1_speedup_over_legacy"] > 0
     printed = capsys.readouterr().out
     assert "tokens before the first difference" in printed and "legacy path" in printed
+
+
+def test_proposal_vocab_from_replies(bench, smollm2_assets, tmp_path):
+    out = tmp_path / "bench"
+    argv = ["--model", "smollm2", "--num-heads", "2", "--num-prompts", "1", "--max-new-tokens", "4"]
+    argv += ["--repeats", "1", "--step-sizes", "1,3", "--context-len", "8", "--cost-repeats", "1", "--threads", "1"]
+    argv += ["--trees", "chain1", "--dtype", "float32", "--compile", "off", "--proposal-vocab", "512"]
+    argv += ["--proposal-vocab-from", str(smollm2_assets.sharegpt_heldout), "--max-nodes", "2", "--out", str(out)]
+    assert bench.main(argv) == 0  # lossless in fp32 with the restricted proposal too
+    assert json.loads((out / "bench_decode.json").read_text())["proposal_vocab_size"] == 512
+    with pytest.raises(SystemExit):
+        bench.main(argv[:-6] + ["--proposal-vocab", "512", "--out", str(out)])  # no --proposal-vocab-from
 
 
 def test_first_divergence(bench):

@@ -20,6 +20,7 @@ from torchtune_medusa.generation import (
     _step,
     build_tree_buffers,
     calibrate_tree,
+    frequent_tokens,
     generate,
     kv_caches,
     measure_step_cost,
@@ -195,3 +196,40 @@ def test_noisy_step_timings_warn(caplog):
     with caplog.at_level(logging.WARNING):
         measure_step_cost(model, (1, 2), context_len=8, repeats=6, timer=clock)
     assert "machine looks busy" in caplog.text
+
+
+@pytest.mark.parametrize("own_projection", [False, True])
+def test_proposal_vocab_proposes_the_same_candidates_when_it_holds_them(own_projection):
+    model = tiny_medusa(num_heads=3, own_projection=own_projection)
+    hidden = torch.randn(model.tok_embeddings.embedding_dim)
+    full = step_functions(model).propose(hidden, 3, 4)  # [3 * 4]
+    vocab = torch.cat([full, torch.tensor([0, 1, 2])]).unique()
+    restricted = step_functions(model, proposal_vocab=vocab).propose(hidden, 3, 4)
+    assert torch.equal(restricted, full)
+    # Without head 1's favourite, every head proposes its best allowed tokens instead.
+    banned = int(full[0])
+    vocab = torch.tensor([t for t in range(model.tok_embeddings.num_embeddings) if t != banned])
+    restricted = step_functions(model, proposal_vocab=vocab).propose(hidden, 3, 4).view(3, 4).tolist()
+    top5 = step_functions(model).propose(hidden, 3, 5).view(3, 5).tolist()
+    assert restricted == [[t for t in row if t != banned][:4] for row in top5]
+
+
+def test_a_proposal_vocab_keeps_greedy_decoding_exact():
+    model, data = train_tiny_heads(num_heads=3)
+    vocab = frequent_tokens(data.tolist(), 24, model.tok_embeddings.num_embeddings)
+    prompts = _prompts(3, seed=6)
+    base = generate(model, prompts, max_new_tokens=16).tokens
+    out = medusa_generate(
+        model, prompts, max_new_tokens=16, medusa_choices=topk_per_head_tree([3, 2, 1]), proposal_vocab=vocab
+    )
+    assert out.tokens == base
+    assert out.stats.mean_accepted > 1.0  # the frequent tokens hold the heads' right guesses often enough
+
+
+def test_frequent_tokens():
+    seqs = [[5, 5, 5, 2, 2, 9], [9, 9, 9, 7]]
+    assert frequent_tokens(seqs, 2, 10).tolist() == [5, 9]  # 4 x 9, 3 x 5; returned sorted by id
+    assert frequent_tokens(seqs, 4, 10).tolist() == [2, 5, 7, 9]
+    assert frequent_tokens(seqs, 5, 10).tolist() == [0, 2, 5, 7, 9]  # never-seen ids fill up, lowest first
+    with pytest.raises(ValueError, match="pick a size in 1..10"):
+        frequent_tokens(seqs, 11, 10)

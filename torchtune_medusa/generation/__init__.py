@@ -32,6 +32,7 @@ from torchtune_medusa.generation._sampling import (
     typical_threshold,
 )
 from torchtune_medusa.generation._settings import decode_compile, decode_dtype, decode_threads, native_bf16
+from torchtune_medusa.generation._step import frequent_tokens
 from torchtune_medusa.generation._tree import (
     build_tree_buffers,
     chain,
@@ -75,6 +76,7 @@ __all__ = [
     "decode_threads",
     "native_bf16",
     "evict_to_path",
+    "frequent_tokens",
     "generate",
     "greedy_node_mask",
     "grow_tree",

@@ -128,6 +128,7 @@ def measure_step_cost(
     repeats: int = 5,
     warmup: int = 1,
     compile: bool = False,
+    proposal_vocab: Optional[torch.Tensor] = None,
     timer: Callable[[], float] = time.perf_counter,
     spread: Optional[Dict[int, float]] = None,
 ) -> Dict[int, float]:
@@ -147,6 +148,7 @@ def measure_step_cost(
         repeats (int): timed rounds; the median is returned.
         warmup (int): untimed rounds first.
         compile (bool): time the compiled step (as ``medusa_generate(compile=True)`` runs it).
+        proposal_vocab (Optional[torch.Tensor]): the heads' proposal vocabulary, as ``medusa_generate`` takes it.
         timer (Callable[[], float]): clock (tests pass a fake one).
         spread (Optional[Dict[int, float]]): filled with each size's interquartile range / median.
 
@@ -168,7 +170,7 @@ def measure_step_cost(
     cache_len = cache_len_for(cache_len, int(model.max_seq_len), compile)
     gen = torch.Generator().manual_seed(0)
     ctx = torch.randint(0, model.tok_embeddings.num_embeddings, (1, context_len), generator=gen).to(device)
-    fns = step_functions(model, compile=compile)
+    fns = step_functions(model, compile=compile, proposal_vocab=proposal_vocab)
     times: Dict[int, List[float]] = {t: [] for t in sizes}
     with decoding_scope(model, batch_size=1, cache_len=cache_len):
         caches = kv_caches(model)

@@ -258,6 +258,7 @@ def medusa_generate(
     max_cache_len: Optional[int] = None,
     topk: int = 10,
     compile: bool = False,
+    proposal_vocab: Optional[torch.Tensor] = None,
     on_step=None,
 ) -> GenerationOutput:
     """Medusa decoding: each step verifies a tree of candidates (the base model's next token plus the heads'
@@ -307,6 +308,9 @@ def medusa_generate(
         topk (int): candidates per head (every rank in the tree must be below it). Default 10.
         compile (bool): run the step's forward and the heads' proposal through ``torch.compile`` (one graph per
             tree size; the first call compiles, later calls on the same model reuse the graphs). Default False.
+        proposal_vocab (Optional[torch.Tensor]): token ids the heads may propose (e.g. :func:`frequent_tokens` of
+            the training data): the heads' projection then costs ``N / V`` of a full one. Output is unchanged in
+            kind (acceptance still checks the whole vocabulary); fewer guesses may be right. Default None: all.
         on_step (Optional[Callable]): test hook, called after every step's eviction as
             ``on_step(committed_tokens: List[int], length: int)``.
 
@@ -348,7 +352,9 @@ def medusa_generate(
     # Positions must stay below max_seq_len (RoPE table); slots below cache_len.
     pos_limit = int(model.max_seq_len)
     slots = torch.arange(cache_len, device=device)
-    fns = step_functions(model, compile=compile)
+    fns = step_functions(model, compile=compile, proposal_vocab=proposal_vocab)
+    if proposal_vocab is not None and fns.proposal_vocab.numel() < topk:
+        raise ValueError(f"proposal_vocab has {fns.proposal_vocab.numel()} tokens, fewer than topk={topk}")
     ttfts = []
 
     with decoding_scope(model, batch_size=1, cache_len=cache_len):

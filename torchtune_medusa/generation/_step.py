@@ -20,7 +20,7 @@ import contextlib
 import types
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -54,17 +54,26 @@ class StepFunctions:
     AVX512-BF16 CPU. The graphs are then only valid for those weights; :func:`step_functions` recompiles when the
     weights change.
 
+    The heads' proposal can be restricted to a *proposal vocabulary* (e.g. the most frequent tokens of the data,
+    :func:`frequent_tokens`): the heads' hidden states are then projected onto those rows of the vocabulary
+    projection only, which costs ``N / V`` of the full projection (a 49k-token projection is the largest single
+    cost of a SmolLM2 tree step on CPU). Only which candidates are verified changes: acceptance is still decided
+    by the base model over the whole vocabulary, so greedy output stays exact.
+
     Args:
         model (nn.Module): a :class:`MedusaTransformerDecoder` or a torchtune ``TransformerDecoder``.
         compile (bool): compile :meth:`forward` and :meth:`propose` with ``torch.compile`` (static shapes).
+        proposal_vocab (Optional[torch.Tensor]): ``[N]`` token ids the heads may propose; None: all.
     """
 
-    def __init__(self, model: nn.Module, *, compile: bool = False):
+    def __init__(self, model: nn.Module, *, compile: bool = False, proposal_vocab: Optional[torch.Tensor] = None):
         if not is_medusa(model):
             model = MedusaTransformerDecoder.from_decoder(model, nn.ModuleList())
             model.set_return_hidden(True)
         self.model = model
         self.compiled = compile
+        self.proposal_vocab = proposal_vocab
+        self._proposal_weights = _proposal_weights(model, proposal_vocab) if proposal_vocab is not None else None
         if compile:  # one graph per (tree size, cache size, batch size): more than dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.weights_key = _weights_key(model)
@@ -80,7 +89,13 @@ class StepFunctions:
 
     def _eager_propose(self, hidden: torch.Tensor, depth: int, topk: int) -> torch.Tensor:
         # [1, d] rather than [d]: inductor's weight-prepacking (freezing) passes expect a batch dimension.
-        return torch.topk(self.model.medusa_logits(hidden[None], depth), topk, dim=-1).indices.flatten()
+        if self._proposal_weights is None:
+            return torch.topk(self.model.medusa_logits(hidden[None], depth), topk, dim=-1).indices.flatten()
+        heads = self.model.medusa_heads[:depth]
+        z = torch.stack([_residual_blocks(head, hidden[None]) for head in heads])  # [depth, 1, d]
+        weights = self._proposal_weights
+        logits = z @ weights.transpose(-1, -2) if weights.dim() == 2 else z @ weights[:depth].transpose(-1, -2)
+        return self.proposal_vocab[torch.topk(logits, topk, dim=-1).indices.flatten()]
 
     def forward(self, tokens, mask, input_pos) -> Tuple[torch.Tensor, torch.Tensor]:
         """The new tokens of one step through the KV cache: ``(hidden [b, s, d], base logits [b, s, v])``."""
@@ -98,6 +113,44 @@ class StepFunctions:
         return self._propose(hidden, depth, topk)
 
 
+def _residual_blocks(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Medusa head without its own vocabulary projection."""
+    for j in range(head.num_layers):
+        x = head[j](x)
+    return x
+
+
+def _proposal_weights(model: nn.Module, vocab: torch.Tensor) -> torch.Tensor:
+    """The vocabulary-projection rows of ``vocab``: ``[N, d]`` when every head shares the base output layer, else
+    ``[K, N, d]`` (each head's own projection, or the shared one)."""
+    output = model.output
+    shared = output.weight if isinstance(output, nn.Linear) else output.tied_module.weight
+    if getattr(output, "bias", None) is not None or any(
+        head.projection is not None and head.projection.bias is not None for head in model.medusa_heads
+    ):
+        raise ValueError("a proposal vocabulary needs bias-free vocabulary projections")
+    if all(head.projection is None for head in model.medusa_heads):
+        return shared[vocab].detach().clone()
+    rows = [(shared if head.projection is None else head.projection.weight)[vocab] for head in model.medusa_heads]
+    return torch.stack(rows).detach().clone()
+
+
+def frequent_tokens(sequences: Iterable[Sequence[int]], size: int, vocab_size: int) -> torch.Tensor:
+    """The ``size`` most frequent token ids of ``sequences`` (ties and never-seen ids by id), for
+    ``proposal_vocab``: tokens the heads of a model trained on such data can usefully propose.
+
+    Raises:
+        ValueError: when ``size`` is not in ``1..vocab_size``.
+    """
+    if not 1 <= size <= vocab_size:
+        raise ValueError(f"a proposal vocabulary of {size} tokens: pick a size in 1..{vocab_size} (the vocabulary)")
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for seq in sequences:
+        counts += torch.bincount(torch.as_tensor(list(seq), dtype=torch.long), minlength=vocab_size)[:vocab_size]
+    order = torch.sort(-counts, stable=True).indices  # most frequent first, ties by id
+    return order[:size].sort().values
+
+
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, StepFunctions]" = weakref.WeakKeyDictionary()
 
 
@@ -113,16 +166,29 @@ def _weights_key(model: nn.Module):
     return tuple(key)
 
 
-def step_functions(model: nn.Module, *, compile: bool = False) -> StepFunctions:
+def step_functions(
+    model: nn.Module, *, compile: bool = False, proposal_vocab: Optional[torch.Tensor] = None
+) -> StepFunctions:
     """The :class:`StepFunctions` of ``model``. Compiled ones are kept per model so that graphs compile once, and
-    rebuilt (recompiled) when the weights have changed since, because compiled graphs hold frozen weights."""
+    rebuilt (recompiled) when the weights or the proposal vocabulary have changed since, because compiled graphs
+    hold frozen weights."""
+    if proposal_vocab is not None:
+        proposal_vocab = proposal_vocab.to(device=next(model.parameters()).device, dtype=torch.long)
     if not compile:
-        return StepFunctions(model)
+        return StepFunctions(model, proposal_vocab=proposal_vocab)
     fns = _CACHE.get(model)
-    if fns is None or fns.weights_key != _weights_key(model):
+    same_vocab = (fns is not None) and (
+        (fns.proposal_vocab is None and proposal_vocab is None)
+        or (
+            fns.proposal_vocab is not None
+            and proposal_vocab is not None
+            and torch.equal(fns.proposal_vocab, proposal_vocab)
+        )
+    )
+    if fns is None or not same_vocab or fns.weights_key != _weights_key(model):
         if fns is not None:
             torch._dynamo.reset()  # drop the graphs of the old weights
-        fns = _CACHE[model] = StepFunctions(model, compile=True)
+        fns = _CACHE[model] = StepFunctions(model, compile=True, proposal_vocab=proposal_vocab)
     return fns
 
 

@@ -90,6 +90,9 @@ def test_compiled_step_equals_eager_in_fp32():
     eager = _run_steps(model, step_functions(model), prompt, tree, steps=6)
     compiled_fns = step_functions(model, compile=True)
     assert compiled_fns is step_functions(model, compile=True)  # graphs are kept for the next call
+    with_vocab = step_functions(model, compile=True, proposal_vocab=torch.arange(20))
+    assert step_functions(model, compile=True) is compiled_fns  # a baseline call between Medusa calls keeps both
+    assert step_functions(model, compile=True, proposal_vocab=torch.arange(20)) is with_vocab
     compiled = _run_steps(model, compiled_fns, prompt, tree, steps=6)
     assert compiled[0] == eager[0] and compiled[1] == eager[1]
     assert len(compiled[0]) > 6  # six steps made more than six tokens: the trained heads were accepted

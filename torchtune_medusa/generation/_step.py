@@ -76,7 +76,6 @@ class StepFunctions:
         self._proposal_weights = _proposal_weights(model, proposal_vocab) if proposal_vocab is not None else None
         if compile:  # one graph per (tree size, cache size, batch size): more than dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.weights_key = _weights_key(model)
         options = {"freezing": True} if next(model.parameters()).device.type == "cpu" else None
         self._forward, self._propose = self._eager_forward, self._eager_propose
         if compile:
@@ -151,7 +150,8 @@ def frequent_tokens(sequences: Iterable[Sequence[int]], size: int, vocab_size: i
     return order[:size].sort().values
 
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, StepFunctions]" = weakref.WeakKeyDictionary()
+# Per model: the weights the graphs were compiled for, and the compiled StepFunctions by proposal vocabulary.
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, dict]]" = weakref.WeakKeyDictionary()
 
 
 def _weights_key(model: nn.Module):
@@ -169,26 +169,23 @@ def _weights_key(model: nn.Module):
 def step_functions(
     model: nn.Module, *, compile: bool = False, proposal_vocab: Optional[torch.Tensor] = None
 ) -> StepFunctions:
-    """The :class:`StepFunctions` of ``model``. Compiled ones are kept per model so that graphs compile once, and
-    rebuilt (recompiled) when the weights or the proposal vocabulary have changed since, because compiled graphs
+    """The :class:`StepFunctions` of ``model``. Compiled ones are kept per model (and proposal vocabulary) so that
+    graphs compile once, and rebuilt (recompiled) when the weights have changed since, because compiled graphs
     hold frozen weights."""
     if proposal_vocab is not None:
         proposal_vocab = proposal_vocab.to(device=next(model.parameters()).device, dtype=torch.long)
     if not compile:
         return StepFunctions(model, proposal_vocab=proposal_vocab)
-    fns = _CACHE.get(model)
-    same_vocab = (fns is not None) and (
-        (fns.proposal_vocab is None and proposal_vocab is None)
-        or (
-            fns.proposal_vocab is not None
-            and proposal_vocab is not None
-            and torch.equal(fns.proposal_vocab, proposal_vocab)
-        )
-    )
-    if fns is None or not same_vocab or fns.weights_key != _weights_key(model):
-        if fns is not None:
+    weights = _weights_key(model)
+    cached = _CACHE.get(model)
+    if cached is None or cached[0] != weights:
+        if cached is not None:
             torch._dynamo.reset()  # drop the graphs of the old weights
-        fns = _CACHE[model] = StepFunctions(model, compile=True, proposal_vocab=proposal_vocab)
+        cached = _CACHE[model] = (weights, {})
+    vocab_key = None if proposal_vocab is None else tuple(proposal_vocab.tolist())
+    fns = cached[1].get(vocab_key)
+    if fns is None:
+        fns = cached[1][vocab_key] = StepFunctions(model, compile=True, proposal_vocab=proposal_vocab)
     return fns
 
 

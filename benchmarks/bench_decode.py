@@ -695,7 +695,15 @@ def plot(res, path: Path) -> None:
     ax.legend()
     ax = axes[1]
     rel = res["step_cost"]["step_cost_relative_to_T1"]
-    ax.plot([int(t) for t in rel], list(rel.values()), marker="o")
+    settings = res.get("settings", {})
+    ax.plot([int(t) for t in rel], list(rel.values()), marker="o", label=f"this run ({settings.get('dtype', '')})")
+    legacy = res["step_cost"].get("legacy")
+    if legacy:
+        cost = {int(t): v for t, v in legacy["step_cost_s"].items()}
+        ax.plot(
+            list(cost), [v / cost[min(cost)] for v in cost.values()], marker="s", ls="--", label="legacy (fp32, eager)"
+        )
+        ax.legend(fontsize=7)
     ax.set_xlabel("T (tokens in one step)")
     ax.set_ylabel("step cost / 1-token step")
     ax.set_title(f"Step cost at context {res['step_cost']['context_len']}")

@@ -7,6 +7,7 @@
 import os
 
 import pytest
+import torch
 
 # Tests never touch a model hub, and tiktoken must not serve stale files from its path-keyed cache.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -22,3 +23,13 @@ def smollm2_assets():
     from torchtune_medusa.assets import prepare
 
     return prepare()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: tiny models are dominated by per-op overhead, and extra threads
+    only spin (25x slower on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

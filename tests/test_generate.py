@@ -24,14 +24,7 @@ from torchtune_medusa.generation import (
     typical_threshold,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are dominated by per-op overhead; extra intra-op threads only spin (25x slower on a busy box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompts(n, seed=0, lo=1, hi=12):

@@ -30,13 +30,7 @@ from torchtune_medusa.generation import (
 )
 from torchtune_medusa.generation._step import Acceptance, DecodeState, decoding_scope, step_functions, tree_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spy(monkeypatch, module, calls):

@@ -13,7 +13,7 @@
 * threads: every usable core but one. Intra-op threads synchronise at every matmul, so when another process
   holds one of them each call waits a scheduler slice; leaving a core free keeps decoding steady on a shared machine.
 * compile: on. On CPU the compiled step also prepacks the weights for oneDNN (inductor's freezing), which makes a
-  bf16 step about 1.5-1.7x faster than eager; the price is a compile of about a minute per tree size on 2 cores,
+  bf16 step 1.2-1.7x faster than eager in our runs; the price is a compile of about a minute per tree size on 2 cores,
   the first time (inductor's on-disk cache makes later processes faster). Pass off for short interactive runs.
 """
 

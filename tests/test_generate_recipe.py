@@ -171,3 +171,19 @@ def test_corrupt_heads_file_is_named(hf_dir, tmp_path, damage):
     cfg = recipe_cfg(hf_dir, tmp_path / "out", f"checkpointer.medusa_checkpoint_dir={heads}")
     with pytest.raises(ValueError, match=f"{path} is not a readable safetensors file.*truncated or corrupt"):
         run_recipe(cfg)
+
+
+def test_compiled_decoding_is_compiled_before_it_is_timed(hf_dir, tmp_path, monkeypatch):
+    warmed = []
+    real = recipe_mod.MedusaGenerateRecipe.warm_up
+
+    def spy(self, tokens, cfg):
+        warmed.append(len(tokens))
+        return real(self, tokens, cfg)
+
+    monkeypatch.setattr(recipe_mod.MedusaGenerateRecipe, "warm_up", spy)
+    cfg = recipe_cfg(hf_dir, tmp_path / "out", "compile=on", "prompts=[hello world,the cat]")
+    assert run_recipe(cfg) == 0
+    report = json.loads((tmp_path / "out" / "generate_results.json").read_text())
+    assert len(warmed) == 1  # once, on the first prompt, before any row is decoded and timed
+    assert all(r["same_tokens_as_baseline"] is True for r in report["results"])  # fp32: compiled is exact too

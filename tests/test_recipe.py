@@ -324,7 +324,10 @@ def test_validation_reports_tau_and_tree(assets, tmp_path):
     run_recipe(cfg)
     metrics = json.loads((out / "metrics.json").read_text())
     val = metrics["validation"]
-    assert val["val/tau"] >= 1.0
+    acceptance = [val[f"val/acceptance/head_{k}"] for k in range(1, 4) if f"val/acceptance/head_{k}" in val]
+    # tau counts the bonus token plus every accepted head; head k+1 is only ever accepted after head k
+    assert val["val/tau"] == pytest.approx(1.0 + sum(acceptance))
+    assert all(a >= b for a, b in zip(acceptance, acceptance[1:]))
     assert "val/loss/head_1" in val and "val/top1/head_3" in val
     tree = json.loads((out / "epoch_0" / "medusa_choices.json").read_text())["medusa_choices"]
     assert len(tree) == 6 and all(len(p) >= 1 for p in tree)

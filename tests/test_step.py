@@ -28,7 +28,7 @@ from torchtune_medusa.generation import (
     scoped_kv_cache,
     topk_per_head_tree,
 )
-from torchtune_medusa.generation._step import Acceptance, DecodeState, decoding_scope, step_functions, tree_step
+from torchtune_medusa.generation._step import Acceptance, decoding_scope, start_decoding, step_functions, tree_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,12 +64,7 @@ def _run_steps(model, fns, prompt, tree, steps):
     cache_len = 64
     with torch.inference_mode(), decoding_scope(model, batch_size=1, cache_len=cache_len):
         caches = kv_caches(model)
-        slots = torch.arange(cache_len)
-        n = len(prompt)
-        hidden, logits = fns.prefill(
-            torch.tensor([prompt]), slots[None, :n, None] >= slots[None, None, :], slots[None, :n], select=n - 1
-        )
-        state = DecodeState(length=n, root=logits[0].argmax(), hidden=hidden[0], cache_len=cache_len)
+        state = start_decoding(fns, torch.tensor(prompt), cache_len, Acceptance())
         tokens = []
         for _ in range(steps):
             tokens += tree_step(fns, caches, state, tree, Acceptance())[1]

@@ -39,6 +39,7 @@ from torchtune_medusa.generation._step import (
     cache_len_for,
     DecodeState,
     decoding_scope,
+    start_decoding,
     step_functions,
     sync,
     tree_step,
@@ -169,15 +170,12 @@ def measure_step_cost(
         raise ValueError(f"context_len + max tree size = {cache_len} exceeds the model's max_seq_len")
     cache_len = cache_len_for(cache_len, int(model.max_seq_len), compile)
     gen = torch.Generator().manual_seed(0)
-    ctx = torch.randint(0, model.tok_embeddings.num_embeddings, (1, context_len), generator=gen).to(device)
+    ctx = torch.randint(0, model.tok_embeddings.num_embeddings, (context_len,), generator=gen).to(device)
     fns = step_functions(model, compile=compile, proposal_vocab=proposal_vocab)
     times: Dict[int, List[float]] = {t: [] for t in sizes}
     with decoding_scope(model, batch_size=1, cache_len=cache_len):
         caches = kv_caches(model)
-        slots = torch.arange(cache_len, device=device)
-        mask = slots[None, :context_len, None] >= slots[None, None, :]
-        hidden, logits = fns.prefill(ctx, mask, slots[None, :context_len], select=context_len - 1)
-        start = DecodeState(length=context_len, root=logits[0].argmax(), hidden=hidden[0], cache_len=cache_len)
+        start = start_decoding(fns, ctx, cache_len, Acceptance())
         for r in range(warmup + repeats):
             for t in sizes[r % len(sizes) :] + sizes[: r % len(sizes)]:
                 state = DecodeState(**vars(start))

@@ -26,9 +26,9 @@ from torchtune_medusa.generation._sampling import sample_next
 from torchtune_medusa.generation._step import (
     Acceptance,
     cache_len_for,
-    DecodeState,
     decoding_scope,
     is_medusa,
+    start_decoding,
     step_functions,
     tree_step,
 )
@@ -351,7 +351,6 @@ def medusa_generate(
     cache_len = _cache_budget(model, p_max + max_new_tokens + tree.num_nodes, p_max, max_cache_len, compile)
     # Positions must stay below max_seq_len (RoPE table); slots below cache_len.
     pos_limit = int(model.max_seq_len)
-    slots = torch.arange(cache_len, device=device)
     fns = step_functions(model, compile=compile, proposal_vocab=proposal_vocab)
     if proposal_vocab is not None and fns.proposal_vocab.numel() < topk:
         raise ValueError(f"proposal_vocab has {fns.proposal_vocab.numel()} tokens, fewer than topk={topk}")
@@ -363,14 +362,10 @@ def medusa_generate(
         t0 = time.perf_counter()
         for prompt in prompts:
             t_prompt = time.perf_counter()
-            n = len(prompt)
-            mask = (slots[None, :n, None] >= slots[None, None, :]).clone()
-            hidden, logits = fns.prefill(torch.tensor([prompt], device=device), mask, slots[None, :n], select=n - 1)
-            root = sample_next(logits[0], temperature=temperature, generator=rule.generator)  # 0-dim
-            state = DecodeState(length=n, root=root, hidden=hidden[0], cache_len=cache_len)
+            state = start_decoding(fns, torch.tensor(prompt, device=device), cache_len, rule)
             emitted: List[int] = []
             reason = None
-            pending = [int(root)]
+            pending = [int(state.root)]
             ttfts.append(time.perf_counter() - t_prompt)
             while True:
                 for t in pending:

@@ -74,11 +74,11 @@ class StepFunctions:
         self.compiled = compile
         self.proposal_vocab = proposal_vocab
         self._proposal_weights = _proposal_weights(model, proposal_vocab) if proposal_vocab is not None else None
-        if compile:  # one graph per (tree size, cache size, batch size): more than dynamo's default 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        options = {"freezing": True} if next(model.parameters()).device.type == "cpu" else None
         self._forward, self._propose = self._eager_forward, self._eager_propose
         if compile:
+            # one graph per (tree size, cache size, batch size): more than dynamo's default 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            options = {"freezing": True} if next(model.parameters()).device.type == "cpu" else None
             self._forward = torch.compile(self._eager_forward, dynamic=False, options=options)
             self._propose = torch.compile(self._eager_propose, dynamic=False, options=options)
 
@@ -332,6 +332,18 @@ class DecodeState:
     root: torch.Tensor
     hidden: torch.Tensor
     cache_len: int
+
+
+@torch.inference_mode()
+def start_decoding(fns: StepFunctions, prompt: torch.Tensor, cache_len: int, acceptance: Acceptance) -> DecodeState:
+    """Prefill ``prompt`` (``[n]`` token ids) into the empty batch-1 cache and pick the first root token: the
+    state :func:`tree_step` starts from."""
+    n = prompt.numel()
+    slots = torch.arange(n, device=prompt.device)
+    causal = slots[None, :, None] >= torch.arange(cache_len, device=prompt.device)[None, None, :]
+    hidden, logits = fns.prefill(prompt[None], causal, slots[None], select=n - 1)
+    root = sample_next(logits[0], temperature=acceptance.temperature, generator=acceptance.generator)  # 0-dim
+    return DecodeState(length=n, root=root, hidden=hidden[0], cache_len=cache_len)
 
 
 def tree_mask(tree: TreeBuffers, length: int, cache_len: int) -> torch.Tensor:

@@ -390,6 +390,8 @@ def proposal_vocab(args, tokenizer, vocab_size: int) -> Optional[torch.Tensor]:
         for line in itertools.islice(f, 5000):
             turns = json.loads(line).get("conversations", [])
             replies += [t["value"] for t in turns if t.get("from") == "gpt"]
+    if args.proposal_vocab > vocab_size:
+        raise SystemExit(f"--proposal-vocab {args.proposal_vocab}: the model has only {vocab_size} tokens")
     vocab = frequent_tokens((tokenizer.encode(r).ids for r in replies), args.proposal_vocab, vocab_size)
     _log(f"proposal vocabulary: the {len(vocab)} most frequent tokens of {len(replies)} replies")
     return vocab

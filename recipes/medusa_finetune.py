@@ -49,6 +49,7 @@ from tqdm import tqdm
 from torchtune_medusa._config import register_resolvers
 from torchtune_medusa.data._utils import check_local_data_file
 from torchtune_medusa.generation import calibrate_tree, decode_dtype, decode_threads, measure_step_cost
+from torchtune_medusa.generation._settings import DTYPES
 from torchtune_medusa.modules.loss import medusa_loss_metrics, MedusaSelfDistillationLoss
 from torchtune_medusa.training._recipe_utils import (
     atomic_directory,
@@ -344,6 +345,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"validation.tree_cost={val.tree_cost!r}; choose 'none' (grow calibrate_tree_nodes nodes by expected "
             "accepted tokens) or 'measured' (time tree steps here and keep the size with the most tokens/s)"
+        )
+    if val is not None and str(val.get("decode_dtype", "auto")) not in ("auto", *DTYPES):
+        raise ValueError(
+            f"validation.decode_dtype={val.decode_dtype!r}; choose auto (bf16 where the hardware computes it "
+            "natively), float32 or bfloat16"
         )
     if val is not None and val.get("dataset", None) is not None:
         datasets.append(val.dataset)

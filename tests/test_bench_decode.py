@@ -99,6 +99,8 @@ def test_proposal_vocab_from_replies(bench, smollm2_assets, tmp_path):
     assert json.loads((out / "bench_decode.json").read_text())["proposal_vocab_size"] == 512
     with pytest.raises(SystemExit):
         bench.main(argv[:-6] + ["--proposal-vocab", "512", "--out", str(out)])  # no --proposal-vocab-from
+    with pytest.raises(SystemExit, match="--proposal-vocab 99999: the model has only 49152 tokens"):
+        bench.main([*argv, "--proposal-vocab", "99999"])
 
 
 def test_first_divergence(bench):

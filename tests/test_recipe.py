@@ -397,6 +397,7 @@ def test_validation_tau_is_one_when_heads_always_miss(assets):
         ({"medusa_version": 3}, ValueError, "medusa_version"),
         ({"medusa_version": 2}, ValueError, "has no LoRA"),
         ({"validation": {"tree_cost": "guessed"}}, ValueError, "tree_cost='guessed'"),
+        ({"validation": {"decode_dtype": "fp8"}}, ValueError, "decode_dtype='fp8'; choose auto"),
     ],
 )
 def test_bad_config_fails_before_heavy_work(assets, tmp_path, overrides, error, match):

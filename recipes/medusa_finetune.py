@@ -51,6 +51,7 @@ from torchtune_medusa.data._utils import check_local_data_file
 from torchtune_medusa.generation import calibrate_tree, decode_dtype, decode_threads, measure_step_cost
 from torchtune_medusa.generation._settings import DTYPES
 from torchtune_medusa.modules.loss import medusa_loss_metrics, MedusaSelfDistillationLoss
+from torchtune_medusa.training._head_vocab import head_token_map, TOKEN_MAP_STATE_KEY
 from torchtune_medusa.training._recipe_utils import (
     atomic_directory,
     check_resume_settings,
@@ -119,6 +120,7 @@ RECIPE_KEYS = frozenset(
         "fsdp_reshard_after_forward",
         "gradient_accumulation_steps",
         "head_targets",
+        "truncated_vocab_size",
         "hidden_cache_max_gb",
         "hidden_cache_on_device",
         "keep_last_n_training_states",
@@ -612,8 +614,10 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         meta_model = self._build_meta_model(cfg)  # cheap: bad model arguments fail before the checkpoint loads
         self._checkpointer = config.instantiate(cfg.checkpointer)
         checkpoint_dict = self._checkpointer.load_checkpoint()
+        saved_token_map = checkpoint_dict[training.MODEL_KEY].pop(TOKEN_MAP_STATE_KEY, None)
         self._model = self._setup_model(cfg, meta_model, checkpoint_dict[training.MODEL_KEY])
         del checkpoint_dict
+        self._setup_token_map(cfg, saved_token_map)
 
         self._setup_optimizer(cfg.optimizer)
         self._lr_schedulers = self._setup_lr_schedulers(cfg.get("lr_scheduler", None))
@@ -627,6 +631,26 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         self._hidden_cache: Optional[HiddenStateCache] = None
         if self._cache_hidden:
             self._fill_hidden_cache(cfg, batch_size=cfg.batch_size)
+
+    def _setup_token_map(self, cfg: DictConfig, saved: Optional[torch.Tensor]) -> None:
+        """Truncated-vocabulary heads (``truncated_vocab_size``): they score only the N most frequent target tokens
+        of the training data (or the map the loaded heads were trained with)."""
+        size = cfg.get("truncated_vocab_size", None)
+        if size is not None and any(head.projection is not None for head in self._model.medusa_heads):
+            raise ValueError(
+                f"truncated_vocab_size={size} needs heads that share the base output layer: set "
+                "model.medusa_projection=shared (and checkpointer.medusa_projection), or truncated_vocab_size=null"
+            )
+        token_map = head_token_map(
+            size,
+            saved=saved,
+            dataset=self._dataset,
+            vocab_size=int(self._model.tok_embeddings.num_embeddings),
+            ignore_index=self._ignore_index,
+            progress=self._is_rank_zero,
+        )
+        if token_map is not None:
+            self._model.set_medusa_token_map(token_map)
 
     def _build_meta_model(self, cfg: DictConfig) -> nn.Module:
         """The model on the meta device (no memory, no weights)."""
@@ -1049,6 +1073,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 num_chunks=getattr(self._loss_fn, "num_output_chunks", 8),
                 device=self._device,
                 world_size=self.world_size,
+                token_map=self._model.medusa_token_map,
             )
             if self._unshard_root_for_loss:
                 self._model.reshard()

@@ -465,3 +465,35 @@ def test_single_process_equals_two_process_fsdp(assets, tmp_path, version):
         outs[nproc] = {**heads_sidecar(out, 0), **base_weights(out, 0)}
     for k in outs[1]:
         torch.testing.assert_close(outs[1][k], outs[2][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_truncated_vocab_heads_train_on_the_most_frequent_targets(assets, tmp_path):
+    from collections import Counter
+
+    from torchtune_medusa.generation import generate, medusa_generate
+    from torchtune_medusa.models._convert_weights import import_heads
+
+    out = tmp_path / "truncated"
+    shared = {"model.medusa_projection": "shared", "checkpointer.medusa_projection": "shared"}
+    cfg = make_cfg(assets, out, epochs=1, truncated_vocab_size=8, cache_hidden_states=True, **shared)
+    recipe = run_recipe(cfg)
+    counts = Counter()
+    for sample in recipe._dataset:
+        counts.update(t for t in sample["labels"] if t != -100)
+    want = sorted(sorted(counts, key=lambda t: (-counts[t], t))[:8])
+    assert len(counts) > 8  # some targets fall outside the map
+    assert recipe._model.medusa_token_map.tolist() == want
+    assert heads_sidecar(out, 0)["token_map"].tolist() == want
+    assert json.loads((out / "epoch_0" / "medusa_config.json").read_text())["truncated_vocab_size"] == 8
+    heads, head_cfg = import_heads(out / "epoch_0")
+    assert head_cfg.truncated_vocab_size == 8 and heads["medusa_heads.token_map"].tolist() == want
+    model = recipe._model.eval()
+    prompt = [t for t in recipe._dataset[0]["tokens"][:20]]
+    greedy = generate(model, [prompt], max_new_tokens=16).tokens
+    tree = [[0], [1], [0, 0], [0, 1], [0, 0, 0]]
+    assert medusa_generate(model, [prompt], max_new_tokens=16, medusa_choices=tree, topk=4).tokens == greedy
+    with pytest.raises(ValueError, match="fewer than topk=10"):
+        medusa_generate(model, [prompt], max_new_tokens=4)
+
+    with pytest.raises(ValueError, match="medusa_projection=shared"):
+        run_recipe(make_cfg(assets, tmp_path / "own", epochs=1, truncated_vocab_size=8))

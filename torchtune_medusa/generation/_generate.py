@@ -354,6 +354,11 @@ def medusa_generate(
     fns = step_functions(model, compile=compile, proposal_vocab=proposal_vocab)
     if proposal_vocab is not None and fns.proposal_vocab.numel() < topk:
         raise ValueError(f"proposal_vocab has {fns.proposal_vocab.numel()} tokens, fewer than topk={topk}")
+    token_map = getattr(model, "medusa_token_map", None)
+    if token_map is not None and token_map.numel() < topk:
+        raise ValueError(
+            f"the heads score only {token_map.numel()} tokens (their token map), fewer than topk={topk}: lower topk"
+        )
     ttfts = []
 
     with decoding_scope(model, batch_size=1, cache_len=cache_len):

@@ -72,6 +72,12 @@ class StepFunctions:
             model.set_return_hidden(True)
         self.model = model
         self.compiled = compile
+        token_map = getattr(model, "medusa_token_map", None)
+        if proposal_vocab is not None and token_map is not None:
+            raise ValueError(
+                "these heads were trained on a token map (truncated vocabulary): they propose only its "
+                f"{token_map.numel()} tokens already; drop the proposal vocabulary"
+            )
         self.proposal_vocab = proposal_vocab
         self._proposal_weights = _proposal_weights(model, proposal_vocab) if proposal_vocab is not None else None
         self._forward, self._propose = self._eager_forward, self._eager_propose
@@ -89,7 +95,9 @@ class StepFunctions:
     def _eager_propose(self, hidden: torch.Tensor, depth: int, topk: int) -> torch.Tensor:
         # [1, d] rather than [d]: inductor's weight-prepacking (freezing) passes expect a batch dimension.
         if self._proposal_weights is None:
-            return torch.topk(self.model.medusa_logits(hidden[None], depth), topk, dim=-1).indices.flatten()
+            ranks = torch.topk(self.model.medusa_logits(hidden[None], depth), topk, dim=-1).indices.flatten()
+            token_map = getattr(self.model, "medusa_token_map", None)
+            return ranks if token_map is None else token_map[ranks]
         heads = self.model.medusa_heads[:depth]
         z = torch.stack([_residual_blocks(head, hidden[None]) for head in heads])  # [depth, 1, d]
         weights = self._proposal_weights
@@ -134,20 +142,34 @@ def _proposal_weights(model: nn.Module, vocab: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).detach().clone()
 
 
+def token_counts(sequences: Iterable[Sequence[int]], vocab_size: int) -> torch.Tensor:
+    """``[vocab_size]`` occurrences of every token id in ``sequences``."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for seq in sequences:
+        counts += torch.bincount(torch.as_tensor(list(seq), dtype=torch.long), minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def most_frequent(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """The ``size`` most frequent token ids of :func:`token_counts` (ties and never-seen ids by id), sorted.
+
+    Raises:
+        ValueError: when ``size`` is not in ``1..len(counts)``.
+    """
+    if not 1 <= size <= counts.numel():
+        raise ValueError(f"{size} most frequent tokens: pick a size in 1..{counts.numel()} (the vocabulary)")
+    order = torch.sort(-counts, stable=True).indices  # most frequent first, ties by id
+    return order[:size].sort().values
+
+
 def frequent_tokens(sequences: Iterable[Sequence[int]], size: int, vocab_size: int) -> torch.Tensor:
     """The ``size`` most frequent token ids of ``sequences`` (ties and never-seen ids by id), for
-    ``proposal_vocab``: tokens the heads of a model trained on such data can usefully propose.
+    ``proposal_vocab`` or a token map: tokens the heads of a model trained on such data can usefully propose.
 
     Raises:
         ValueError: when ``size`` is not in ``1..vocab_size``.
     """
-    if not 1 <= size <= vocab_size:
-        raise ValueError(f"a proposal vocabulary of {size} tokens: pick a size in 1..{vocab_size} (the vocabulary)")
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for seq in sequences:
-        counts += torch.bincount(torch.as_tensor(list(seq), dtype=torch.long), minlength=vocab_size)[:vocab_size]
-    order = torch.sort(-counts, stable=True).indices  # most frequent first, ties by id
-    return order[:size].sort().values
+    return most_frequent(token_counts(sequences, vocab_size), size)
 
 
 # Per model: the weights the graphs were compiled for, and the compiled StepFunctions by proposal vocabulary.
@@ -202,7 +224,11 @@ def cache_len_for(needed: int, limit: int, compiled: bool) -> int:
 def _gqa_attention_forward(self: MultiHeadAttention, x, y=None, *, mask=None, input_pos=None) -> torch.Tensor:
     """torchtune's self-attention over its KV cache, with two CPU fixes: grouped-query K/V are not expanded
     (copied) over the whole cache at every step (SDPA's ``enable_gqa``), and attention runs in fp32 (the CPU's
-    bf16 SDPA kernel costs several times the fp32 one at decoding sizes; for fp32 models this is a no-op)."""
+    bf16 SDPA kernel costs several times the fp32 one at decoding sizes; for fp32 models this is a no-op).
+
+    Within :func:`decoding_scope` the cache itself is fp32 (see :func:`_attention_cache_dtype`): new keys and
+    values are cast once when written, instead of the whole cache at every step. The values are the same.
+    """
     y = x if y is None else y  # self-attention: torchtune passes the same tensor twice
     b, s, _ = x.shape
     q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
@@ -216,7 +242,8 @@ def _gqa_attention_forward(self: MultiHeadAttention, x, y=None, *, mask=None, in
         q = self.q_norm(q)
     if self.k_norm is not None:
         k = self.k_norm(k)
-    k, v = self.kv_cache.update(k, v)
+    cache_dtype = self.kv_cache.k_cache.dtype
+    k, v = self.kv_cache.update(k.to(cache_dtype), v.to(cache_dtype))
     out = F.scaled_dot_product_attention(
         q.float(),
         k.float(),
@@ -282,12 +309,22 @@ class _ReturnHidden:
             self.model.set_return_hidden(bool(self.prev))
 
 
+def _attention_cache_dtype(model: nn.Module) -> torch.dtype:
+    """fp32 when every cached attention layer runs :func:`_gqa_attention_forward` (which attends in fp32): casting
+    each new key/value once beats casting the whole cache at every step (at batch 32 that cast cost more than the
+    model's matmuls). Otherwise the model's dtype, which torchtune's own attention expects."""
+    attentions = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    if USE_FAST_ATTENTION and attentions and all(type(m) is MultiHeadAttention and m.is_causal for m in attentions):
+        return torch.float32
+    return _cache_dtype(model)
+
+
 @contextlib.contextmanager
 def decoding_scope(model: nn.Module, *, batch_size: int, cache_len: int) -> Iterator[None]:
     """Fresh KV caches, ``return_hidden`` and the decoding attention (:func:`fast_attention`) for the block."""
     with (
         _ReturnHidden(model),
-        scoped_kv_cache(model, batch_size=batch_size, cache_len=cache_len, dtype=_cache_dtype(model)),
+        scoped_kv_cache(model, batch_size=batch_size, cache_len=cache_len, dtype=_attention_cache_dtype(model)),
         fast_attention(model),
     ):
         yield

@@ -58,6 +58,8 @@ MEDUSA_CONFIG_FILE = "medusa_config.json"
 VLLM_WEIGHTS_FILE = "model.safetensors"
 HF_CONFIG_FILE = "config.json"
 PREFIX = "medusa_heads."
+#: The heads' token map (truncated vocabulary), as vLLM names it: ``medusa_heads.token_map`` in a state dict.
+TOKEN_MAP_KEY = "token_map"
 
 HEAD_FORMATS = (
     "torchtune",
@@ -100,6 +102,8 @@ class MedusaHeadConfig:
             not record it).
         projection (str): ``"own"`` or ``"shared"``.
         base_model_name_or_path (Optional[str]): the base model, as FasterDecoding records it.
+        truncated_vocab_size (Optional[int]): N when the heads score only the N tokens of a ``token_map`` (vLLM's
+            name; own projections then have N rows), None when they score the whole vocabulary.
     """
 
     num_heads: int
@@ -108,6 +112,7 @@ class MedusaHeadConfig:
     vocab_size: Optional[int]
     projection: str
     base_model_name_or_path: Optional[str] = None
+    truncated_vocab_size: Optional[int] = None
 
     def fasterdecoding_json(self) -> Dict[str, Any]:
         """FasterDecoding-style config (also read by TGI and TensorRT-LLM)."""
@@ -123,8 +128,12 @@ class MedusaHeadConfig:
         return out
 
     def torchtune_json(self) -> Dict[str, Any]:
-        """Our ``medusa_config.json``: FasterDecoding's keys plus ``medusa_projection``."""
-        return {**self.fasterdecoding_json(), "medusa_projection": self.projection}
+        """Our ``medusa_config.json``: FasterDecoding's keys plus ``medusa_projection`` (and vLLM's
+        ``truncated_vocab_size`` for heads with a token map)."""
+        out = {**self.fasterdecoding_json(), "medusa_projection": self.projection}
+        if self.truncated_vocab_size is not None:
+            out["truncated_vocab_size"] = self.truncated_vocab_size
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- file helpers
@@ -287,8 +296,13 @@ def infer_head_config(
     """
     if not fd_sd:
         raise ValueError(f"{source} holds no Medusa head tensors (expected keys {_FD_EXPECTED})")
+    token_map = fd_sd.get(TOKEN_MAP_KEY)
+    if token_map is not None:
+        _check_token_map(token_map, vocab_size, source)
     entries: Dict[int, Dict[int, Dict[str, torch.Tensor]]] = {}
     for key, value in fd_sd.items():
+        if key == TOKEN_MAP_KEY:
+            continue
         m = _FD_KEY.match(key)
         if m is None:
             raise ValueError(f"unexpected key {key!r} in {source}; expected {_FD_EXPECTED}")
@@ -328,12 +342,14 @@ def infer_head_config(
             p = last["weight"]
             if hidden_size is None:
                 hidden_size = p.shape[-1]
-            if vocab is None:
+            if vocab is None and token_map is None:
                 vocab = p.shape[0]
-            if p.dim() != 2 or tuple(p.shape) != (vocab, hidden_size):
+            rows = vocab if token_map is None else token_map.numel()
+            if p.dim() != 2 or tuple(p.shape) != (rows, hidden_size):
+                what = "vocab size" if token_map is None else "tokens in token_map"
                 raise ValueError(
                     f"{source}: projection '{i}.{n_blocks}.weight' has shape {tuple(p.shape)}; expected "
-                    f"({vocab}, {hidden_size}) (vocab size, hidden size)"
+                    f"({rows}, {hidden_size}) ({what}, hidden size)"
                 )
         layouts.add((n_blocks, has_proj))
     if len(layouts) != 1:
@@ -351,7 +367,20 @@ def infer_head_config(
         vocab_size=None if vocab is None else int(vocab),
         projection="own" if has_proj else "shared",
         base_model_name_or_path=base_model_name_or_path,
+        truncated_vocab_size=None if token_map is None else int(token_map.numel()),
     )
+
+
+def _check_token_map(token_map: torch.Tensor, vocab_size: Optional[int], source: str) -> None:
+    ok = token_map.dim() == 1 and token_map.numel() > 0 and not token_map.is_floating_point()
+    if ok and token_map.numel() > 1:
+        ok = bool((token_map[1:] > token_map[:-1]).all())
+    if not ok:
+        raise ValueError(f"{source}: '{TOKEN_MAP_KEY}' must be a 1-D tensor of sorted, distinct token ids")
+    if int(token_map[0]) < 0 or (vocab_size is not None and int(token_map[-1]) >= vocab_size):
+        raise ValueError(
+            f"{source}: '{TOKEN_MAP_KEY}' holds ids outside the vocabulary 0..{vocab_size}: made for another tokenizer"
+        )
 
 
 def base_output_weight_of(model_or_sd: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Optional[torch.Tensor]:
@@ -441,6 +470,13 @@ def export_heads(
             f"({cfg.vocab_size}, {cfg.hidden_size}) (vocab size, hidden size)"
         )
     K, L = cfg.num_heads, cfg.num_layers
+    token_map = fd_sd.get(TOKEN_MAP_KEY)
+    if token_map is not None and fmt not in ("torchtune", "vllm"):
+        raise ValueError(
+            f"format {fmt!r} has no place for a token map, and these heads score only the {token_map.numel()} "
+            "tokens of one (truncated vocabulary): export as 'vllm' (truncated_vocab_size + token_map) or "
+            "'torchtune'"
+        )
 
     if fmt in _OWN_FORMATS and cfg.projection == "shared":
         if base_output_weight is None:
@@ -482,7 +518,14 @@ def export_heads(
                     "vLLM's MedusaModel is loaded on its own, so shared heads need the base output weight in the "
                     "file (lm_heads.0.weight with original_lm_head: true); pass base_output_weight"
                 )
-            tensors["lm_heads.0.weight"] = base_output_weight.clone()
+            if token_map is None:
+                tensors["lm_heads.0.weight"] = base_output_weight.clone()
+            else:  # the map's rows of the shared output, as every head's own truncated projection
+                rows = base_output_weight[token_map.long()]
+                for i in range(K):
+                    tensors[f"lm_heads.{i}.weight"] = rows.clone()
+        if token_map is not None:
+            tensors[TOKEN_MAP_KEY] = token_map
         config = {
             "model_type": "medusa",
             "architectures": ["MedusaModel"],
@@ -490,8 +533,8 @@ def export_heads(
             "vocab_size": cfg.vocab_size,
             "num_heads": K,
             "num_hidden_layers": L,
-            "truncated_vocab_size": None,
-            "original_lm_head": cfg.projection == "shared",
+            "truncated_vocab_size": cfg.truncated_vocab_size,
+            "original_lm_head": cfg.projection == "shared" and token_map is None,
             "medusa_fc_bias": True,
             "logit_scale": 1.0,
         }
@@ -649,10 +692,13 @@ def _vllm_to_fd(
     tensors: Dict[str, torch.Tensor], cfg_json: Dict[str, Any], source: str
 ) -> Tuple[Dict[str, torch.Tensor], Optional[int]]:
     trunc = cfg_json.get("truncated_vocab_size")
-    if "token_map" in tensors or (trunc is not None and trunc != cfg_json.get("vocab_size")):
+    token_map = tensors.pop(TOKEN_MAP_KEY, None)
+    if trunc is not None and trunc != cfg_json.get("vocab_size") and token_map is None:
         raise ValueError(
-            f"{source}: truncated-vocabulary vLLM heads (token_map / truncated_vocab_size) are not supported"
+            f"{source}: truncated_vocab_size is {trunc} but the file has no '{TOKEN_MAP_KEY}' to say which tokens"
         )
+    if token_map is not None and trunc is not None and int(trunc) != token_map.numel():
+        raise ValueError(f"{source}: truncated_vocab_size is {trunc} but '{TOKEN_MAP_KEY}' has {token_map.numel()}")
     original_lm_head = bool(cfg_json.get("original_lm_head", False))
     blocks: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
     lm_heads: Dict[int, torch.Tensor] = {}
@@ -687,7 +733,12 @@ def _vllm_to_fd(
                 f"{source}: original_lm_head is true, so only lm_heads.0.weight is expected; found "
                 f"lm_heads.{sorted(lm_heads)}"
             )
-        if w is not None:
+        if token_map is not None and w is not None and w.shape[0] == token_map.numel():
+            if num_layers is None:  # a truncated original head: every head's own projection
+                num_layers = 1 + max([j for _, j in blocks] + [-1])
+            for i in range(num_heads):
+                fd[f"{i}.{num_layers}.weight"] = w
+        elif w is not None:
             vocab = w.shape[0]
     else:
         if base_lm_head is not None:
@@ -702,6 +753,8 @@ def _vllm_to_fd(
                 f"{source}: missing 'lm_heads.{missing[0]}.weight' (config num_heads = {num_heads}, "
                 "original_lm_head false)"
             )
+    if token_map is not None:
+        fd[TOKEN_MAP_KEY] = token_map
     return fd, vocab
 
 

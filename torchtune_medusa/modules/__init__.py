@@ -10,12 +10,13 @@ from torchtune_medusa.modules.loss import (
     MedusaLossOutput,
     MedusaSelfDistillationLoss,
 )
-from torchtune_medusa.modules.medusa_heads import medusa_heads, MedusaHead, MedusaResBlock
+from torchtune_medusa.modules.medusa_heads import medusa_heads, MedusaHead, MedusaHeadList, MedusaResBlock
 from torchtune_medusa.modules.transformer import MedusaOutput, MedusaTransformerDecoder
 
 __all__ = [
     "MedusaCrossEntropyLoss",
     "MedusaHead",
+    "MedusaHeadList",
     "MedusaLossOutput",
     "MedusaOutput",
     "MedusaResBlock",

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from torchtune_medusa.modules.medusa_heads import to_head_vocab, token_map_index
+
 __all__ = [
     "MedusaCrossEntropyLoss",
     "MedusaLossOutput",
@@ -218,8 +220,12 @@ class _MedusaChunkedLoss(nn.Module):
         num_heads: Optional[int],
         make_term: Callable[[int, float, torch.Tensor, int, int], Optional[_Term]],
         teacher_project: Optional[ProjectFn] = None,
+        token_map: Optional[torch.Tensor] = None,
     ) -> MedusaLossOutput:
+        if token_map is None:  # the model's, when given the model or its bound `project`
+            token_map = getattr(getattr(project, "__self__", project), "medusa_token_map", None)
         project, num_heads = _resolve_project(project, num_heads)
+        head_index = _head_index(token_map, hidden.device)
         if hidden.dim() != 3:
             raise ValueError(f"hidden must have shape [b, s, d], got {tuple(hidden.shape)}")
         if labels.shape != hidden.shape[:2]:
@@ -246,7 +252,7 @@ class _MedusaChunkedLoss(nn.Module):
                 if head == 0 and not self.include_base_loss and not self.log_base_metrics:
                     continue
                 term = make_term(head, weights[head], h_chunk[:, : end - start], start, end)
-                term_loss, *stats = self._term(term, project, teacher_project)
+                term_loss, *stats = self._term(term, project, teacher_project, head_index if head else None)
                 if term.weight != 0.0:
                     loss = loss + term.weight * term_loss
                 loss_sums[head] += stats[0]
@@ -260,22 +266,34 @@ class _MedusaChunkedLoss(nn.Module):
         return MedusaLossOutput(loss / n_valid, loss_sums, correct, counts, self.topk)
 
     def _term(
-        self, term: _Term, project: ProjectFn, teacher_project: Optional[ProjectFn]
+        self,
+        term: _Term,
+        project: ProjectFn,
+        teacher_project: Optional[ProjectFn],
+        head_index: Optional[Tuple[torch.Tensor, torch.Tensor]],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss_sum, detached loss_sum, top-k hits, count)`` of one term."""
+        args = (term, project, teacher_project, head_index)
         # Terms without weight (the base head of Medusa-1, a heads coefficient still at 0) give metrics only.
         if term.weight == 0.0 or not torch.is_grad_enabled():
             with torch.no_grad():
-                return self._term_forward(term, project, teacher_project)
+                return self._term_forward(*args)
         if not self.recompute:
-            return self._term_forward(term, project, teacher_project)
+            return self._term_forward(*args)
         # Recomputed in backward, so only this term's logits live until its backward is done. The metrics come
         # after the loss in `_term_forward`, so the recomputation stops before them (checkpoint's early stop).
-        return checkpoint(self._term_forward, term, project, teacher_project, use_reentrant=False)
+        return checkpoint(self._term_forward, *args, use_reentrant=False)
 
     def _term_forward(
-        self, term: _Term, project: ProjectFn, teacher_project: Optional[ProjectFn]
+        self,
+        term: _Term,
+        project: ProjectFn,
+        teacher_project: Optional[ProjectFn],
+        head_index: Optional[Tuple[torch.Tensor, torch.Tensor]],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """With ``head_index = (token_map, index_of)`` the head scores only the map's tokens: targets are mapped
+        to map indices; a target outside the map is left out of the loss (no logit can learn it) but counted as
+        a miss in the accuracy, and a teacher's distribution is restricted to the map."""
         targets = term.targets.reshape(-1)
         # Only scored rows are projected: prompts, padding and the last k positions of head k cost nothing.
         rows = (targets != self.ignore_index).nonzero().squeeze(-1)
@@ -285,15 +303,18 @@ class _MedusaChunkedLoss(nn.Module):
         if term.teacher_hidden is not None:
             with torch.no_grad():
                 teacher_logits = teacher_project(_rows(term.teacher_hidden, rows), 0)
+        if teacher_logits is not None:  # accuracy (and teacher_argmax's target) = the teacher's greedy token
+            targets = teacher_logits.argmax(-1)
+        if head_index is not None:
+            token_map, index_of = head_index
+            targets = to_head_vocab(targets, index_of)  # -1 outside the map: never in the top-k
+            if teacher_logits is not None:
+                teacher_logits = teacher_logits.index_select(-1, token_map)
         if term.kl:
             loss_sum = self.kl_sum(logits, teacher_logits)
-        elif teacher_logits is not None:  # teacher_argmax
-            loss_sum = self.cross_entropy_sum(logits, teacher_logits.argmax(-1))
         else:
-            loss_sum = self.cross_entropy_sum(logits, targets)
+            loss_sum = self.cross_entropy_sum(logits, targets.masked_fill(targets < 0, self.ignore_index))
         with torch.no_grad():
-            if teacher_logits is not None:  # accuracy = agreement with the teacher's greedy token
-                targets = teacher_logits.argmax(-1)
             return (loss_sum, *self._stats(loss_sum.detach(), logits.detach(), targets))
 
     def _stats(
@@ -322,6 +343,14 @@ class _MedusaChunkedLoss(nn.Module):
         student_logp = F.log_softmax(logits.float(), dim=-1)
         teacher_logp = F.log_softmax(teacher_logits.float(), dim=-1)
         return F.kl_div(student_logp, teacher_logp, reduction="sum", log_target=True)
+
+
+def _head_index(token_map: Optional[torch.Tensor], device: torch.device):
+    """``(token_map, index_of)`` for the terms of heads with a token map; None without one."""
+    if token_map is None:
+        return None
+    token_map = token_map.to(device)
+    return token_map, token_map_index(token_map)
 
 
 def _rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -414,6 +443,7 @@ class MedusaCrossEntropyLoss(_MedusaChunkedLoss):
         labels: torch.Tensor,
         project: Union[ProjectFn, nn.Module],
         num_heads: Optional[int] = None,
+        token_map: Optional[torch.Tensor] = None,
     ) -> MedusaLossOutput:
         """
         Args:
@@ -423,6 +453,10 @@ class MedusaCrossEntropyLoss(_MedusaChunkedLoss):
             project (Union[ProjectFn, nn.Module]): ``project(hidden, head) -> logits`` (``model.project``), or the
                 :class:`~torchtune_medusa.modules.MedusaTransformerDecoder` itself.
             num_heads (Optional[int]): number of Medusa heads K; taken from the model when ``project`` is one.
+            token_map (Optional[torch.Tensor]): ``[N]`` token ids the Medusa heads score (their logits are
+                ``[..., N]``, see :class:`~torchtune_medusa.modules.MedusaHeadList`); by default the model's, when
+                ``project`` is the model or its ``project``. Targets outside the map count as misses and are left
+                out of the loss.
 
         Returns:
             MedusaLossOutput: the loss and the per-head metrics.
@@ -435,7 +469,7 @@ class MedusaCrossEntropyLoss(_MedusaChunkedLoss):
         def make_term(head: int, weight: float, h: torch.Tensor, start: int, end: int) -> _Term:
             return _Term(head, weight, h, labels[:, start + head : end + head], None, False)
 
-        return self._run(hidden, labels, project, num_heads, make_term)
+        return self._run(hidden, labels, project, num_heads, make_term, token_map=token_map)
 
 
 class MedusaSelfDistillationLoss(_MedusaChunkedLoss):
@@ -508,6 +542,7 @@ class MedusaSelfDistillationLoss(_MedusaChunkedLoss):
         teacher_hidden: torch.Tensor,
         teacher_project: ProjectFn,
         num_heads: Optional[int] = None,
+        token_map: Optional[torch.Tensor] = None,
     ) -> MedusaLossOutput:
         """
         Args:
@@ -518,6 +553,10 @@ class MedusaSelfDistillationLoss(_MedusaChunkedLoss):
             teacher_hidden (torch.Tensor): teacher's normed final hidden state ``[b, s, d]`` (no grad).
             teacher_project (ProjectFn): the teacher's projection (see the class docstring).
             num_heads (Optional[int]): number of Medusa heads K; taken from the model when ``project`` is one.
+            token_map (Optional[torch.Tensor]): ``[N]`` token ids the Medusa heads score (their logits are
+                ``[..., N]``, see :class:`~torchtune_medusa.modules.MedusaHeadList`); by default the model's, when
+                ``project`` is the model or its ``project``. Targets outside the map count as misses and are left
+                out of the loss.
 
         Returns:
             MedusaLossOutput: the loss and the per-head metrics.
@@ -540,4 +579,4 @@ class MedusaSelfDistillationLoss(_MedusaChunkedLoss):
                 return _Term(head, weight, h, labels[:, rows], teacher_hidden[:, rows], kl)
             return _Term(head, weight, h, labels[:, rows], None, False)
 
-        return self._run(hidden, labels, project, num_heads, make_term, teacher_project)
+        return self._run(hidden, labels, project, num_heads, make_term, teacher_project, token_map)

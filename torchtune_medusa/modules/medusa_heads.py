@@ -81,9 +81,78 @@ class MedusaHead(nn.Sequential):
         return self[self.num_layers] if len(self) > self.num_layers else None
 
 
+class MedusaHeadList(nn.ModuleList):
+    """The ``medusa_heads`` container: the heads, plus an optional *token map* (vLLM's truncated-vocabulary layout).
+
+    With a token map of N token ids, every head scores only those N tokens: a head that shares the backbone's
+    output layer is projected onto those N rows of it, and a head with its own projection has N outputs. Head
+    logits are then ``[..., N]`` and index ``i`` stands for token ``token_map[i]``. On a small model the heads'
+    vocabulary projection is most of their cost, in training and in decoding, and the N most frequent tokens of
+    the training data cover nearly every target (:func:`~torchtune_medusa.generation.frequent_tokens`).
+
+    The map is a buffer, saved as ``medusa_heads.token_map`` (``token_map`` in the heads file, as vLLM names
+    it). Loading a state dict that has one sets it, so a model built without a map loads truncated heads.
+    """
+
+    def __init__(self, modules=None) -> None:
+        super().__init__(modules)
+        self.register_buffer("token_map", None)  # None: the whole vocabulary (not in the state dict)
+        self._register_load_state_dict_pre_hook(self._take_token_map)
+
+    def set_token_map(self, token_map: Optional[torch.Tensor], vocab_size: Optional[int] = None) -> None:
+        """Restrict the heads to ``token_map`` (sorted, distinct token ids), or lift the restriction with None.
+
+        Args:
+            token_map (Optional[torch.Tensor]): ``[N]`` token ids.
+            vocab_size (Optional[int]): the backbone's vocabulary, to check the ids against.
+
+        Raises:
+            ValueError: ids that are not sorted and distinct, out of ``0..vocab_size-1``, or heads with their own
+                projection whose size is not N.
+        """
+        if token_map is None:
+            self.register_buffer("token_map", None)
+            return
+        token_map = torch.as_tensor(token_map, dtype=torch.long).flatten()
+        if token_map.numel() == 0 or (token_map.numel() > 1 and not bool((token_map[1:] > token_map[:-1]).all())):
+            raise ValueError("token_map must be a non-empty list of sorted, distinct token ids")
+        if int(token_map[0]) < 0 or (vocab_size is not None and int(token_map[-1]) >= vocab_size):
+            raise ValueError(
+                f"token_map has ids outside the vocabulary 0..{vocab_size} (min {int(token_map[0])}, "
+                f"max {int(token_map[-1])}): it was made for another tokenizer"
+            )
+        for i, head in enumerate(self):
+            if head.projection is not None and head.projection.out_features != token_map.numel():
+                raise ValueError(
+                    f"head {i + 1} projects onto {head.projection.out_features} tokens but the token map has "
+                    f"{token_map.numel()}: build the heads with vocab_size={token_map.numel()}"
+                )
+        device = next(self.parameters()).device if any(True for _ in self.parameters()) else token_map.device
+        self.register_buffer("token_map", token_map.to(device))
+
+    def _take_token_map(self, state_dict, prefix, *args) -> None:
+        key = prefix + "token_map"
+        if key in state_dict and (self.token_map is None or self.token_map.shape != state_dict[key].shape):
+            self.set_token_map(state_dict[key])
+
+
+def token_map_index(token_map: torch.Tensor) -> torch.Tensor:
+    """``index_of`` for :func:`to_head_vocab`: ``index_of[t]`` is token t's position in ``token_map``, or -1."""
+    index_of = torch.full((int(token_map.max()) + 1,), -1, dtype=torch.long, device=token_map.device)
+    index_of[token_map] = torch.arange(token_map.numel(), device=token_map.device)
+    return index_of
+
+
+def to_head_vocab(tokens: torch.Tensor, index_of: torch.Tensor) -> torch.Tensor:
+    """Token ids as indices of the heads' token map (see :func:`token_map_index`): -1 for a token outside the map
+    and for negative ids (an ``ignore_index``)."""
+    inside = (tokens >= 0) & (tokens < index_of.numel())
+    return torch.where(inside, index_of[tokens.clamp(0, index_of.numel() - 1)], -1)
+
+
 def medusa_heads(
     *, num_heads: int, dim: int, vocab_size: int, num_layers: int = 1, own_projection: bool = True
-) -> nn.ModuleList:
+) -> MedusaHeadList:
     """Build ``num_heads`` Medusa heads in an ``nn.ModuleList`` (the ``medusa_heads`` container).
 
     Args:
@@ -95,7 +164,7 @@ def medusa_heads(
         own_projection (bool): whether each head has its own vocabulary projection. Default True.
 
     Returns:
-        nn.ModuleList: the heads.
+        MedusaHeadList: the heads.
 
     Raises:
         ValueError: if ``num_heads < 1`` or ``num_layers < 0``.
@@ -104,7 +173,7 @@ def medusa_heads(
         raise ValueError(
             f"num_heads (Medusa heads) must be >= 1, got {num_heads}; use the plain torchtune model for no heads"
         )
-    return nn.ModuleList(
+    return MedusaHeadList(
         MedusaHead(dim=dim, vocab_size=vocab_size, num_layers=num_layers, own_projection=own_projection)
         for _ in range(num_heads)
     )

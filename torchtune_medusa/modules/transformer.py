@@ -19,7 +19,8 @@ class MedusaOutput(NamedTuple):
             ``num_output_chunks`` chunks when :meth:`~torchtune.modules.TransformerDecoder.set_num_output_chunks`
             was called, as the base class does).
         medusa_logits: stacked head logits, fp32, shape ``[k, b, s, v]``. ``medusa_logits[k - 1, :, t]`` predicts
-            the token at position ``t + k + 1``, i.e. k steps after ``logits[:, t]`` does.
+            the token at position ``t + k + 1``, i.e. k steps after ``logits[:, t]`` does. With a token map ``v``
+            is its size N (see :attr:`MedusaTransformerDecoder.medusa_token_map`).
     """
 
     logits: Union[torch.Tensor, List[torch.Tensor]]
@@ -97,6 +98,32 @@ class MedusaTransformerDecoder(TransformerDecoder):
     def num_medusa_heads(self) -> int:
         return len(self.medusa_heads)
 
+    @property
+    def medusa_token_map(self) -> Optional[torch.Tensor]:
+        """``[N]`` token ids the heads score (see :class:`~torchtune_medusa.modules.MedusaHeadList`), or None when
+        they score the whole vocabulary. Head logits index ``i`` stands for token ``medusa_token_map[i]``."""
+        return getattr(self.medusa_heads, "token_map", None)
+
+    def set_medusa_token_map(self, token_map: Optional[torch.Tensor]) -> None:
+        """Restrict the heads to the tokens of ``token_map`` (sorted, distinct ids; e.g.
+        :func:`~torchtune_medusa.generation.frequent_tokens` of the training data), or lift it with None."""
+        if not hasattr(self.medusa_heads, "set_token_map"):
+            raise TypeError("these heads are a plain nn.ModuleList: build them with medusa_heads() for a token map")
+        self.medusa_heads.set_token_map(token_map, vocab_size=int(self._output_weight().shape[0]))
+
+    def _output_weight(self) -> torch.Tensor:
+        return self.output.weight if isinstance(self.output, nn.Linear) else self.output.tied_module.weight
+
+    def _shared_head_output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The backbone's output layer for heads without their own projection: restricted to the token map's rows
+        when there is one."""
+        token_map = self.medusa_token_map
+        if token_map is None:
+            return self.output(hidden)
+        if getattr(self.output, "bias", None) is not None:
+            raise ValueError("truncated-vocabulary heads need a bias-free output layer")
+        return nn.functional.linear(hidden, self._output_weight()[token_map])
+
     def set_return_hidden(self, return_hidden: bool = True) -> None:
         """Make ``forward`` return the normed final hidden state ``[b, s, d]`` instead of logits.
 
@@ -113,7 +140,8 @@ class MedusaTransformerDecoder(TransformerDecoder):
             head (int): 0 for the backbone's own output layer, ``k`` in ``1..K`` for Medusa head k.
 
         Returns:
-            torch.Tensor: logits with shape ``[..., v]``.
+            torch.Tensor: logits with shape ``[..., v]``; for a Medusa head with a token map (see
+            :attr:`medusa_token_map`), ``[..., N]`` over the map's tokens.
 
         Raises:
             IndexError: if ``head`` is not in ``0..K``.
@@ -124,7 +152,7 @@ class MedusaTransformerDecoder(TransformerDecoder):
             raise IndexError(f"head must be in 0..{len(self.medusa_heads)} (0 = base output), got {head}")
         medusa_head = self.medusa_heads[head - 1]
         out = medusa_head(hidden)
-        return out if medusa_head.projection is not None else self.output(out)
+        return out if medusa_head.projection is not None else self._shared_head_output(out)
 
     def medusa_logits(self, hidden: torch.Tensor, num_heads: Optional[int] = None) -> torch.Tensor:
         """Logits of the first ``num_heads`` Medusa heads from a normed hidden state.
@@ -138,7 +166,8 @@ class MedusaTransformerDecoder(TransformerDecoder):
             num_heads (Optional[int]): heads ``1..num_heads``; all K when None.
 
         Returns:
-            torch.Tensor: fp32 logits with shape ``[num_heads, ..., v]``; zero heads give an empty tensor.
+            torch.Tensor: fp32 logits with shape ``[num_heads, ..., v]`` (``v`` = N with a token map, see
+            :attr:`medusa_token_map`); zero heads give an empty tensor.
 
         Raises:
             IndexError: if ``num_heads`` is not in ``0..K``.
@@ -150,7 +179,7 @@ class MedusaTransformerDecoder(TransformerDecoder):
             return torch.empty(0, *hidden.shape[:-1], 0, device=hidden.device, dtype=torch.float32)
         heads = self.medusa_heads[:n]
         if all(head.projection is None for head in heads):
-            return self.output(torch.stack([head(hidden) for head in heads])).float()
+            return self._shared_head_output(torch.stack([head(hidden) for head in heads])).float()
         return torch.stack([self.project(hidden, k).float() for k in range(1, n + 1)])
 
     def unembed(self, h: torch.Tensor) -> Union[torch.Tensor, MedusaOutput]:

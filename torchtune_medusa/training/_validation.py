@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchtune_medusa.generation import grow_tree, medusa_generate
+from torchtune_medusa.modules.medusa_heads import to_head_vocab, token_map_index
 
 __all__ = ["tree_of_size", "evaluate_decoding", "evaluate_heads", "prompts_from_dataset"]
 
@@ -44,6 +45,7 @@ def evaluate_heads(
     num_chunks: int = 8,
     device: torch.device,
     world_size: int = 1,
+    token_map: Optional[torch.Tensor] = None,
 ) -> Dict[str, Any]:
     """Teacher-forced per-head metrics on held-out batches.
 
@@ -58,6 +60,8 @@ def evaluate_heads(
         num_chunks (int): sequence chunks per projection (memory). Default 8.
         device (torch.device): device of the sums.
         world_size (int): ranks to all-reduce over.
+        token_map (Optional[torch.Tensor]): the heads' token map (their logits are over it), or None. Targets
+            outside it count as misses, and are left out of the heads' loss.
 
     Returns:
         Dict[str, Any]: ``metrics`` (flat ``val/...`` floats: ``val/loss/{base,head_k}``, ``val/top1/...``,
@@ -70,6 +74,10 @@ def evaluate_heads(
     counts = torch.zeros(k1, dtype=torch.float64, device=device)
     agree = torch.zeros(num_heads, topk, dtype=torch.float64, device=device)
     agree_counts = torch.zeros(num_heads, dtype=torch.float64, device=device)
+    index_of = None
+    if token_map is not None:
+        token_map = token_map.to(device)
+        index_of = token_map_index(token_map)
     for batch in batches:
         labels = batch["labels"]
         # shift for the base head, as in training: labels[:, t] is the target of position t
@@ -88,10 +96,12 @@ def evaluate_heads(
                 end = min(seq_len - head, start + chunk)
                 logits = project(hidden[:, start:end], head).float()
                 tgt = labels[:, start + head : end + head]
-                _accumulate(logits, tgt, ignore_index, topk, head, loss_sums, top1, topk_hits, counts)
+                _accumulate(logits, tgt, ignore_index, topk, head, loss_sums, top1, topk_hits, counts, index_of)
                 # agreement with the base model's greedy pick k positions later (what decoding accepts)
                 valid = tgt != ignore_index
                 ranks = logits.topk(min(topk, logits.size(-1)), dim=-1).indices
+                if token_map is not None:
+                    ranks = token_map[ranks]
                 hit = (ranks == base_argmax[:, start + head : end + head].unsqueeze(-1)) & valid.unsqueeze(-1)
                 agree[head - 1, : hit.size(-1)] += hit.sum(dim=(0, 1)).double()
                 agree_counts[head - 1] += valid.sum().double()
@@ -112,13 +122,20 @@ def evaluate_heads(
     return {"metrics": metrics, "agreement": table}
 
 
-def _accumulate(logits, targets, ignore_index, topk, head, loss_sums, top1, topk_hits, counts) -> None:
+def _accumulate(logits, targets, ignore_index, topk, head, loss_sums, top1, topk_hits, counts, index_of=None) -> None:
     flat = logits.reshape(-1, logits.size(-1))
     tgt = targets.reshape(-1)
     valid = tgt != ignore_index
     if not valid.any():
         return
-    loss_sums[head] += torch.nn.functional.cross_entropy(flat, tgt, ignore_index=ignore_index, reduction="sum").double()
+    if index_of is not None:  # targets as token-map indices; -1 (outside the map) never hits, has no loss
+        tgt = to_head_vocab(tgt, index_of)
+        loss_tgt = tgt.masked_fill(tgt < 0, ignore_index)
+    else:
+        loss_tgt = tgt
+    loss_sums[head] += torch.nn.functional.cross_entropy(
+        flat, loss_tgt, ignore_index=ignore_index, reduction="sum"
+    ).double()
     ranks = flat.topk(min(topk, flat.size(-1)), dim=-1).indices
     hits = (ranks == tgt.unsqueeze(-1)) & valid.unsqueeze(-1)
     top1[head] += hits[:, 0].sum().double()

@@ -273,6 +273,7 @@ def self_distill(
     model_name: str = "model",
     on_batch: Optional[Callable[[int, int], None]] = None,
     progress: bool = True,
+    compile: bool = False,
     **prompt_kwargs: Any,
 ) -> SelfDistillStats:
     """Generate the model's replies to the prompts of ``data_files`` into ``output_file`` (ShareGPT JSONL).
@@ -304,6 +305,8 @@ def self_distill(
         on_batch (Optional[Callable[[int, int], None]]): called as ``on_batch(batch_index, num_batches)`` after
             each batch is written (progress hooks, tests).
         progress (bool): show a tqdm bar. Default True.
+        compile (bool): decode with the compiled step (:func:`~torchtune_medusa.generation.generate`'s
+            ``compile``): one graph per batch size and cache size, compiled on first use. Default False.
         **prompt_kwargs: passed to :func:`load_prompts` (``conversation_column``, ``id_column``, ...).
 
     Returns:
@@ -393,6 +396,7 @@ def self_distill(
                 stop_tokens=tokenizer.stop_tokens,
                 seed=derive_seed(batch_seed, turn) if turn else batch_seed,
                 max_cache_len=max_prompt_len + max_new_tokens,
+                compile=compile,
             )
             stats.generation_time_s += time.perf_counter() - t0
             for i, toks, reason in zip(rows, result.tokens, result.stats.stop_reasons):
@@ -415,6 +419,7 @@ def self_distill(
             _append(output_file, "".join(lines))
         stats.conversations_written += len(lines)
         bar.update(len(todo))
+        bar.set_postfix_str(f"{stats.new_tokens / max(stats.generation_time_s, 1e-9):.0f} new tok/s")
         if on_batch is not None:
             on_batch(b, len(plan))
     bar.close()

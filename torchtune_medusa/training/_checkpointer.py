@@ -13,18 +13,15 @@ import torch
 from torchtune import training
 from torchtune.training.checkpointing import FullModelHFCheckpointer
 
+from torchtune_medusa._files import MEDUSA_CONFIG_FILE, save_safetensors, write_json
 from torchtune_medusa.models._component_builders import validate_medusa_args
 from torchtune_medusa.models._convert_weights import (
-    atomic_save_safetensors,
-    atomic_write_json,
     HEAD_FILE,
     import_heads,
     infer_head_config,
-    MEDUSA_CONFIG_FILE,
     MedusaHeadConfig,
     PREFIX,
 )
-from torchtune_medusa.training._recipe_utils import set_default_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -290,10 +287,8 @@ class MedusaHFCheckpointer(FullModelHFCheckpointer):
                 f"was configured for {self.medusa_num_heads} x {self.medusa_num_layers} ({self.medusa_projection})"
             )
         path = out_dir / HEAD_FILE
-        atomic_save_safetensors(fd_sd, path)
-        atomic_write_json(cfg.torchtune_json(), out_dir / MEDUSA_CONFIG_FILE)
-        for written in (path, out_dir / MEDUSA_CONFIG_FILE):  # readable as the umask allows, like torchtune's files
-            set_default_permissions(written)
+        save_safetensors(path, fd_sd)  # readable as the umask allows, like torchtune's files
+        write_json(out_dir / MEDUSA_CONFIG_FILE, cfg.torchtune_json())
         logger.info(f"Medusa heads ({cfg.num_heads} x {cfg.num_layers} blocks, {cfg.projection}) saved to {path}")
         return path
 

@@ -20,16 +20,22 @@ Two measurements, both on held-out data:
 (:func:`torchtune_medusa.generation.grow_tree`).
 """
 
+import copy
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchtune import utils
 
 from torchtune_medusa.generation import grow_tree, medusa_generate
+from torchtune_medusa.generation._calibration import calibrate_tree, measure_step_cost
+from torchtune_medusa.generation._settings import decode_threads
 
-__all__ = ["tree_of_size", "evaluate_decoding", "evaluate_heads", "prompts_from_dataset"]
+__all__ = ["calibrate_tree_for_speed", "evaluate_decoding", "evaluate_heads", "prompts_from_dataset", "tree_of_size"]
+
+log = utils.get_logger("INFO")
 
 
 @torch.no_grad()
@@ -197,3 +203,43 @@ def tree_of_size(agreement: Sequence[Sequence[float]], num_nodes: int) -> List[L
     """The most valuable prefix-closed tree of ``num_nodes`` nodes for the measured agreement table
     (node value = product of the agreements along its path), as ``medusa_choices`` rank paths."""
     return [list(path) for path, _ in grow_tree(agreement, num_nodes)]
+
+
+def calibrate_tree_for_speed(
+    model: nn.Module, agreement: Sequence[Sequence[float]], max_nodes: int, *, dtype: torch.dtype, context_len: int
+) -> List[List[int]]:
+    """The tree with the most expected tokens per second on this machine: the measured agreement table and
+    the measured cost of T-token tree steps (possibly the empty tree, when plain decoding is faster).
+
+    Steps are timed as decoding will run them: in ``dtype`` (``validation.decode_dtype``, default auto: bf16 where
+    the hardware computes it natively) and, on CPU, with the decoding thread count (every core but one). They
+    are timed eagerly: compiling every size would cost minutes here.
+
+    Args:
+        model (nn.Module): an unsharded Medusa model.
+        agreement (Sequence[Sequence[float]]): the ``[K, topk]`` agreement table of :func:`evaluate_heads`.
+        max_nodes (int): the largest tree to consider (``validation.calibrate_tree_nodes``).
+        dtype (torch.dtype): the decoding dtype (the model is copied when it has another one).
+        context_len (int): the context length the steps are timed at (``validation.max_prompt_len``).
+
+    Returns:
+        List[List[int]]: the tree's rank paths (``medusa_choices``).
+    """
+    sizes = sorted({1, 2, 4, 8, 16, 32, 64, max_nodes + 1} & set(range(1, max_nodes + 2)))
+    device = next(model.parameters()).device
+    timed = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(decode_threads("auto"))
+    try:
+        step_cost = measure_step_cost(timed, sizes, context_len=context_len, repeats=5)
+    finally:
+        torch.set_num_threads(threads)
+    del timed
+    best = calibrate_tree(agreement, step_cost, max_nodes=max_nodes)
+    cost_ms = {t: round(c * 1e3, 2) for t, c in step_cost.items()}
+    log.info(
+        f"Tree calibrated on measured step costs: {len(best.medusa_choices)} nodes, expected tau "
+        f"{best.expected_tokens_per_step:.2f}, step cost (ms) by tree tokens {cost_ms}"
+    )
+    return best.medusa_choices

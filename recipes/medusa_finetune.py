@@ -11,55 +11,47 @@ A fork of torchtune 0.6.1's ``full_finetune_distributed`` (copy-and-hack). Launc
     tune run --nproc_per_node 8 medusa_finetune --config llama3_3/llama_medusa.yaml
 """
 
-import math
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, training, utils
-from torchtune.config._utils import _get_component_from_path
-from torchtune.data import padded_collate_packed
-from torchtune.datasets import ConcatDataset
-from torchtune.modules.peft import (
-    disable_adapter,
-    DoRALinear,
-    get_adapter_params,
-    get_adapter_state_dict,
-    get_merged_lora_ckpt,
-    LoRALinear,
-)
+from torchtune.modules.peft import disable_adapter, get_adapter_params
 from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.training import PROFILER_KEY
 from tqdm import tqdm
 
 from torchtune_medusa._config import register_resolvers
 from torchtune_medusa._files import atomic_directory, epoch_dir_name, MEDUSA_CHOICES_FILE, METRICS_FILE, write_json
-from torchtune_medusa.generation._settings import decode_dtype
 from torchtune_medusa.modules.loss import medusa_loss_metrics, MedusaSelfDistillationLoss
 from torchtune_medusa.training._config_checks import check_config
+from torchtune_medusa.training._data import build_dataset, make_collate, training_dataloader, validation_batches
 from torchtune_medusa.training._hidden_cache import (
     fill_hidden_state_cache,
     HiddenStateCache,
-    indexed_collate,
     IndexedDataset,
 )
+from torchtune_medusa.training._lora import (
+    init_adapter_weights,
+    initialize_dora_magnitudes,
+    lora_rank_and_alpha,
+    merged_checkpoint,
+)
+from torchtune_medusa.training._optim import build_optimizers
 from torchtune_medusa.training._parallelize import (
     init_process_group_for_recipe,
     parallelize_medusa,
     RootParameters,
     unsharded_model_copy,
 )
-from torchtune_medusa.training._stages import parse_stages, Stage, stage_at
+from torchtune_medusa.training._stages import parse_stages, Stage, stage_at, steps_per_epoch
 from torchtune_medusa.training._state import (
     check_resume_settings,
     check_training_state,
@@ -68,11 +60,10 @@ from torchtune_medusa.training._state import (
     save_training_state,
 )
 from torchtune_medusa.training._validation import (
-    calibrate_tree_for_speed,
-    evaluate_decoding,
     evaluate_heads,
     prompts_from_dataset,
     tree_of_size,
+    validate_decoding,
 )
 
 register_resolvers()
@@ -117,8 +108,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         cfg (DictConfig): the parsed config.
 
     Raises:
-        ValueError: on the config errors of :func:`check_config`, fp16, or optimizer-in-backward with gradient
-            accumulation or clipping.
+        ValueError: on the config errors of :func:`check_config`, or fp16.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -174,7 +164,6 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         self._model: Optional[nn.Module] = None
         self._sharded = False
         self._root_params: Optional[RootParameters] = None  # a tied output's parameters, gathered outside forward
-        self._head_param_names: List[str] = []
         self._lora_param_names: List[str] = []
         self._lora_rank: Optional[int] = None
         self._lora_alpha: Optional[float] = None
@@ -190,10 +179,11 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         self._medusa_choices: Any = None  # the tree validation decodes with, unless calibrated
         # set by validation
         self._calibrated_tree: Optional[List[List[int]]] = None  # an empty tree says plain decoding is fastest
-        self._last_val_metrics: Dict[str, Any] = {}
         self._last_agreement: Optional[List[List[float]]] = None
 
-        self._remove_stale_temp_files()
+        if self._is_rank_zero:  # what killed runs left half-written, before anything is written
+            remove_stale_temp_files(self._output_dir)
+        dist.barrier()
         # the training state to resume from, checked before any heavy work (None: a new run)
         self._resume_dir: Optional[Path] = None
         self._resume_state: Optional[Dict[str, Any]] = None
@@ -213,17 +203,6 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 )
                 seed = self._resume_state["seed"]
         self.seed = training.set_seed(seed=seed, debug_mode=cfg.get("cudnn_deterministic_mode", None))
-
-    def _remove_stale_temp_files(self) -> None:
-        """Rank 0 removes the temporary folders of killed runs in ``output_dir`` before anything is written."""
-        if self._is_rank_zero:
-            done = remove_stale_temp_files(self._output_dir)
-            if done:
-                log.info(
-                    f"Cleaned up {len(done)} temporary path(s) left in {self._output_dir} by an interrupted run: "
-                    + "; ".join(done)
-                )
-        dist.barrier()
 
     def _resume_settings(self, cfg: DictConfig) -> Dict[str, Any]:
         """This run's values of the settings that decide the data order (recorded in every training state)."""
@@ -253,15 +232,12 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         self._dataloader, self._dataset, self._collate = self._setup_data(
             cfg.dataset, shuffle=cfg.shuffle, batch_size=cfg.batch_size, collate_fn=cfg.get("collate_fn", None)
         )
-        self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < self._steps_per_epoch:
-            self._steps_per_epoch = self.max_steps_per_epoch
-        if self._steps_per_epoch < 1:
-            raise ValueError(
-                f"the data set gives {len(self._dataloader)} batches of batch_size={cfg.batch_size} per rank, fewer "
-                f"than gradient_accumulation_steps={self._gradient_accumulation_steps}: use more data, a smaller "
-                "batch_size or fewer gradient_accumulation_steps"
-            )
+        self._steps_per_epoch = steps_per_epoch(
+            len(self._dataloader),
+            gradient_accumulation_steps=self._gradient_accumulation_steps,
+            max_steps_per_epoch=self.max_steps_per_epoch,
+            batch_size=cfg.batch_size,
+        )
         self._total_steps = self.total_epochs * self._steps_per_epoch
         if self._resume_state is not None:
             check_resume_settings(self._resume_dir, self._resume_state, {"num_samples": len(self._dataset)})
@@ -309,12 +285,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         trainable = head_names | lora_names
         for n, p in model.named_parameters():
             p.requires_grad_(n in trainable)
-        self._head_param_names, self._lora_param_names = sorted(head_names), sorted(lora_names)
-        self._lora_rank = self._lora_alpha = None
-        for m in model.modules():
-            if isinstance(m, (LoRALinear, DoRALinear)):
-                self._lora_rank, self._lora_alpha = m.rank, m.alpha
-                break
+        self._lora_param_names = sorted(lora_names)
+        self._lora_rank, self._lora_alpha = lora_rank_and_alpha(model)
 
         self._sharded = parallelize_medusa(
             model,
@@ -333,27 +305,12 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 if hasattr(m, "rope_init"):
                     m.rope_init()
         if lora_names:
-            # LoRA params are not in the base checkpoint. Initialise them as torchtune's LoRALinear does (A:
-            # kaiming-uniform, B: zeros) but as full tensors from a generator seeded with the config seed, so
-            # that the initial adapters are the same for any number of processes (torchtune's LoRA recipe
-            # initialises each rank's shard from that rank's RNG instead).
-            gen = torch.Generator().manual_seed(int(self.seed))
-            for name, p in model.named_parameters():
-                if name not in lora_names or name in model_state_dict:
-                    continue
-                full = torch.zeros(p.shape, dtype=torch.float32)
-                if "lora_a" in name:
-                    nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
-                elif "magnitude" in name:
-                    full.fill_(1.0)  # replaced by initialize_dora_magnitude below
-                model_state_dict[name] = full.to(self._dtype)
+            init_adapter_weights(model, model_state_dict, lora_names, seed=self.seed, dtype=self._dtype)
         training.load_from_full_model_state_dict(
             model, model_state_dict, self._device, strict=True, cpu_offload=self.fsdp_cpu_offload
         )
         if lora_names:
-            for m in model.modules():
-                if hasattr(m, "initialize_dora_magnitude"):
-                    m.initialize_dora_magnitude()
+            initialize_dora_magnitudes(model)
         training.validate_no_params_on_meta_device(model)
         model.set_return_hidden(True)
         utils.log_rank_zero(
@@ -374,23 +331,10 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         named = self._trainable_named_params()
         self._param_names = {p: n for n, p in named}
         base_lr = float(cfg_optimizer.lr)
-        heads = [p for n, p in named if n.startswith("medusa_heads.")]
-        others = [p for n, p in named if not n.startswith("medusa_heads.")]
         head_lr = base_lr * self._medusa_lr_multiplier
-        if self._optimizer_in_bwd:
-            optim_dict = {}
-            for p in others:
-                optim_dict[p] = config.instantiate(cfg_optimizer, [p])
-            for p in heads:
-                optim_dict[p] = config.instantiate(cfg_optimizer, [{"params": [p], "lr": head_lr}])
-            training.register_optim_in_bwd_hooks(model=self._model, optim_dict=optim_dict)
-            self._optimizers = list(optim_dict.values())
-        else:
-            groups = []
-            if others:
-                groups.append({"params": others, "lr": base_lr})
-            groups.append({"params": heads, "lr": head_lr})
-            self._optimizers = [config.instantiate(cfg_optimizer, groups)]
+        self._optimizers = build_optimizers(
+            cfg_optimizer, named, head_lr=head_lr, model=self._model, in_backward=self._optimizer_in_bwd
+        )
         utils.log_rank_zero(
             log, f"Optimizer ready: lr {base_lr:g} (adapters), {head_lr:g} (heads, x{self._medusa_lr_multiplier:g})"
         )
@@ -411,55 +355,40 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         profiler, _ = config.instantiate(cfg_profiler)
         return profiler
 
-    def _build_dataset(self, cfg_dataset):
-        if isinstance(cfg_dataset, ListConfig):
-            ds = ConcatDataset(datasets=[config.instantiate(c, self._tokenizer) for c in cfg_dataset])
-            packed = getattr(ds, "packed", False)
-        else:
-            ds = config.instantiate(cfg_dataset, self._tokenizer)
-            packed = cfg_dataset.get("packed", False)
-        return ds, packed
-
     def _make_collate(self, collate_fn: Optional[str], packed: bool):
-        if packed:
-            base = padded_collate_packed
-        else:
-            fn = _get_component_from_path(collate_fn or "torchtune.data.padded_collate_sft")
-            base = partial(fn, padding_idx=self._tokenizer.pad_id, ignore_idx=self._ignore_index)
-        return indexed_collate(base)
+        return make_collate(collate_fn, packed, padding_idx=self._tokenizer.pad_id, ignore_idx=self._ignore_index)
 
     def _setup_data(self, cfg_dataset, shuffle: bool, batch_size: int, collate_fn: Optional[str]):
-        ds, packed = self._build_dataset(cfg_dataset)
+        ds, packed = build_dataset(cfg_dataset, self._tokenizer)
         ds = IndexedDataset(ds)
         collate = self._make_collate(collate_fn, packed)
-        sampler = StatefulDistributedSampler(
-            ds, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle, seed=self.seed
-        )
-        dataloader = StatefulDataLoader(
-            dataset=ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True
+        dataloader = training_dataloader(
+            ds,
+            collate,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            world_size=self.dp_size,
+            rank=self.dp_rank,
         )
         utils.log_rank_zero(log, f"Dataset: {len(ds)} samples, {len(dataloader)} batches per rank and epoch")
         return dataloader, ds, collate
 
     def _setup_validation(self, cfg: DictConfig) -> None:
-        val = cfg.get("validation", None)
-        self._val_cfg = val
-        self._val_batches: List[Dict[str, torch.Tensor]] = []
-        self._val_prompts: List[List[int]] = []
-        self._medusa_choices = None
+        val = self._val_cfg = cfg.get("validation", None)
         if val is None:
             return
         self._val_every = val.get("every_n_steps", None)
         if val.get("dataset", None) is not None:
-            ds, packed = self._build_dataset(val.dataset)
-            collate = self._make_collate(cfg.get("collate_fn", None), packed)
-            n = min(len(ds), int(val.get("max_samples", 64)))
-            sub = torch.utils.data.Subset(IndexedDataset(ds), list(range(n)))
-            sampler = DistributedSampler(sub, num_replicas=self.world_size, rank=self.rank, shuffle=False)
-            loader = torch.utils.data.DataLoader(
-                sub, batch_size=int(val.get("batch_size", cfg.batch_size)), sampler=sampler, collate_fn=collate
+            ds, packed = build_dataset(val.dataset, self._tokenizer)
+            self._val_batches = validation_batches(
+                ds,
+                self._make_collate(cfg.get("collate_fn", None), packed),
+                max_samples=int(val.get("max_samples", 64)),
+                batch_size=int(val.get("batch_size", cfg.batch_size)),
+                world_size=self.world_size,
+                rank=self.rank,
             )
-            self._val_batches = list(loader)
             if self._is_rank_zero and val.get("num_prompts", 0) > 0:
                 self._val_prompts = prompts_from_dataset(
                     ds, int(val.num_prompts), self._ignore_index, int(val.get("max_prompt_len", 256))
@@ -645,29 +574,21 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         # real tree decoding on rank 0 with an unsharded model
         # the same decision on every rank: under FSDP the unsharded copy is gathered collectively
         if int(self._val_cfg.get("num_prompts", 0)) > 0:
-            decode_model = self._unsharded_model_for_decoding()
-            if self._is_rank_zero and agreement is not None and num_nodes and measure_cost:
-                self._calibrated_tree = calibrate_tree_for_speed(
+            decode_model = unsharded_model_copy(
+                self._model, self._cfg.model, sharded=self._sharded, dtype=self._dtype, device=self._device
+            )
+            if self._is_rank_zero:
+                decoding, self._calibrated_tree = validate_decoding(
                     decode_model,
-                    agreement,
-                    int(num_nodes),
-                    dtype=decode_dtype(str(self._val_cfg.get("decode_dtype", "auto")), self._device),
-                    context_len=int(self._val_cfg.get("max_prompt_len", 128)),
+                    self._val_prompts,
+                    val_cfg=self._val_cfg,
+                    medusa_choices=self._medusa_choices,
+                    calibrated_tree=self._calibrated_tree,
+                    agreement=agreement,
+                    stop_tokens=getattr(self._tokenizer, "stop_tokens", ()),
+                    device=self._device,
                 )
-            if self._is_rank_zero and self._val_prompts:
-                choices = self._medusa_choices
-                if self._val_cfg.get("decode_with_calibrated_tree", True) and self._calibrated_tree is not None:
-                    choices = self._calibrated_tree
-                metrics.update(
-                    evaluate_decoding(
-                        decode_model,
-                        self._val_prompts,
-                        max_new_tokens=int(self._val_cfg.get("max_new_tokens", 64)),
-                        medusa_choices=choices,
-                        stop_tokens=getattr(self._tokenizer, "stop_tokens", ()),
-                    )
-                )
-                metrics["val/tree_nodes"] = len(choices) if not isinstance(choices, str) else choices
+                metrics.update(decoding)
             if decode_model is not self._model:
                 del decode_model
             dist.barrier()
@@ -682,21 +603,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                     f"Validation at step {self.global_step}: tau {metrics['val/tau']:.3f}, per-head acceptance "
                     + ", ".join(f"{metrics[k]:.2f}" for k in sorted(metrics) if k.startswith("val/acceptance/"))
                 )
-        self._last_val_metrics = metrics
         self._last_agreement = agreement
         return metrics
-
-    def _unsharded_model_for_decoding(self) -> Optional[nn.Module]:
-        """The model, or under FSDP an unsharded copy on rank 0 (None elsewhere); see :func:`unsharded_model_copy`."""
-
-        def build() -> nn.Module:
-            cfg_model = OmegaConf.create(OmegaConf.to_container(self._cfg.model, resolve=True))
-            if "quantize_base" in cfg_model:
-                cfg_model.quantize_base = False
-            with training.set_default_dtype(self._dtype), self._device:
-                return config.instantiate(cfg_model)
-
-        return unsharded_model_copy(self._model, build, sharded=self._sharded, device=self._device)
 
     # ------------------------------------------------------------------------------------------------------
     # Training.
@@ -860,21 +768,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         t0 = time.perf_counter()
         sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
         if self._is_rank_zero:
-            ckpt = {}
-            # gather_cpu_state_dict returns the live tensors for unsharded CPU models, and the LoRA merge works in
-            # place: copy first so that the model being trained is never touched
-            sd = {k: v.clone() for k, v in sd.items()}
-            if self._lora_param_names:
-                adapter_sd = get_adapter_state_dict(sd)
-                sd = get_merged_lora_ckpt(sd, rank=self._lora_rank, alpha=self._lora_alpha)
-                ckpt[training.ADAPTER_KEY] = adapter_sd
-                ckpt[training.ADAPTER_CONFIG] = {
-                    "r": self._lora_rank,
-                    "lora_alpha": self._lora_alpha,
-                    "target_modules": sorted({n.split(".")[-3] for n in self._lora_param_names if "lora_a" in n}),
-                    "peft_type": "LORA",
-                }
-            ckpt[training.MODEL_KEY] = sd
+            ckpt = merged_checkpoint(sd, self._lora_param_names, rank=self._lora_rank, alpha=self._lora_alpha)
+            sd = ckpt[training.MODEL_KEY]
             final_dir = self._output_dir / epoch_dir_name(epoch)
             with atomic_directory(final_dir) as tmp:
                 self._checkpointer.save_checkpoint_to(tmp, ckpt, epoch=epoch)

@@ -11,12 +11,13 @@
 
 import os
 from functools import partial
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchtune import modules, training
+from torchtune import config, modules, training
 
 __all__ = [
     "RootParameters",
@@ -143,16 +144,17 @@ class RootParameters:
 
 
 def unsharded_model_copy(
-    model: nn.Module, build: Callable[[], nn.Module], *, sharded: bool, device: torch.device
+    model: nn.Module, cfg_model: DictConfig, *, sharded: bool, dtype: torch.dtype, device: torch.device
 ) -> Optional[nn.Module]:
     """The model itself when unsharded; under FSDP, rank 0 gets an unsharded copy built from the gathered full
     state dict (simple and correct; needs the whole model in rank 0's memory), the other ranks None. Every rank
-    must call it (the gather is collective).
+    must call it (the gather is collective). A QLoRA model is copied without quantising its base.
 
     Args:
         model (nn.Module): the training model.
-        build (Callable[[], nn.Module]): builds an unsharded model of the same architecture on ``device``.
+        cfg_model (DictConfig): the ``model`` config section that built it.
         sharded (bool): whether ``model`` is sharded.
+        dtype (torch.dtype): the training dtype.
         device (torch.device): the training device.
 
     Returns:
@@ -164,6 +166,10 @@ def unsharded_model_copy(
     sd = training.gather_cpu_state_dict(model, is_rank_zero, device=device)
     if not is_rank_zero:
         return None
-    copy = build()
+    cfg_model = OmegaConf.create(OmegaConf.to_container(cfg_model, resolve=True))
+    if "quantize_base" in cfg_model:
+        cfg_model.quantize_base = False
+    with training.set_default_dtype(dtype), device:
+        copy = config.instantiate(cfg_model)
     copy.load_state_dict(sd, strict=False)
     return copy.eval()

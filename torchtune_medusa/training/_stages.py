@@ -8,7 +8,7 @@
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
-__all__ = ["STAGE_NAMES", "Stage", "parse_stages", "stage_at"]
+__all__ = ["STAGE_NAMES", "Stage", "parse_stages", "stage_at", "steps_per_epoch"]
 
 #: Stage names the recipe knows. ``heads`` trains only the Medusa heads (the backbone runs without autograd);
 #: ``joint`` trains heads and LoRA adapters together (Medusa-2 only).
@@ -76,3 +76,33 @@ def stage_at(stages: Sequence[Stage], global_step: int) -> Stage:
             return stage
         start += stage.steps
     return stages[-1]
+
+
+def steps_per_epoch(
+    num_batches: int, *, gradient_accumulation_steps: int, max_steps_per_epoch: Optional[int], batch_size: int
+) -> int:
+    """Optimizer steps in one epoch: a step per ``gradient_accumulation_steps`` batches, at most
+    ``max_steps_per_epoch``.
+
+    Args:
+        num_batches (int): batches per rank and epoch.
+        gradient_accumulation_steps (int): batches per optimizer step.
+        max_steps_per_epoch (Optional[int]): the config's cap (None: a whole epoch).
+        batch_size (int): the config's batch size (for the message).
+
+    Returns:
+        int: the number of steps.
+
+    Raises:
+        ValueError: the data gives fewer batches than one step needs.
+    """
+    steps = num_batches // gradient_accumulation_steps
+    if max_steps_per_epoch is not None and max_steps_per_epoch < steps:
+        steps = max_steps_per_epoch
+    if steps < 1:
+        raise ValueError(
+            f"the data set gives {num_batches} batches of batch_size={batch_size} per rank, fewer "
+            f"than gradient_accumulation_steps={gradient_accumulation_steps}: use more data, a smaller "
+            "batch_size or fewer gradient_accumulation_steps"
+        )
+    return steps

@@ -80,7 +80,7 @@ def remove_stale_temp_files(output_dir: os.PathLike) -> List[str]:
     """Remove what killed runs left half-written in ``output_dir``: the temporary epoch and training-state
     folders, staging folders and temporary files named by the recipe's own patterns (nothing else is touched).
     A folder moved aside by :class:`atomic_directory` whose replacement never arrived is renamed back instead.
-    Call it on rank 0 before the run writes anything.
+    Call it on rank 0 before the run writes anything; what it did is logged.
 
     Args:
         output_dir (os.PathLike): the run's ``output_dir``.
@@ -111,6 +111,10 @@ def remove_stale_temp_files(output_dir: os.PathLike) -> List[str]:
             else:
                 path.unlink()
             done.append(f"removed {rel} ({size / 2**20:.1f} MiB)")
+    if done:
+        log.info(
+            f"Cleaned up {len(done)} temporary path(s) left in {output_dir} by an interrupted run: " + "; ".join(done)
+        )
     return done
 
 

@@ -22,7 +22,7 @@ Two measurements, both on held-out data:
 
 import copy
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,9 +31,16 @@ from torchtune import utils
 
 from torchtune_medusa.generation import grow_tree, medusa_generate
 from torchtune_medusa.generation._calibration import calibrate_tree, measure_step_cost
-from torchtune_medusa.generation._settings import decode_threads
+from torchtune_medusa.generation._settings import decode_dtype, decode_threads
 
-__all__ = ["calibrate_tree_for_speed", "evaluate_decoding", "evaluate_heads", "prompts_from_dataset", "tree_of_size"]
+__all__ = [
+    "calibrate_tree_for_speed",
+    "evaluate_decoding",
+    "evaluate_heads",
+    "prompts_from_dataset",
+    "tree_of_size",
+    "validate_decoding",
+]
 
 log = utils.get_logger("INFO")
 
@@ -243,3 +250,59 @@ def calibrate_tree_for_speed(
         f"{best.expected_tokens_per_step:.2f}, step cost (ms) by tree tokens {cost_ms}"
     )
     return best.medusa_choices
+
+
+def validate_decoding(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    val_cfg: Any,
+    medusa_choices: Any,
+    calibrated_tree: Optional[List[List[int]]],
+    agreement: Optional[Sequence[Sequence[float]]],
+    stop_tokens: Sequence[int],
+    device: torch.device,
+) -> Tuple[Dict[str, Any], Optional[List[List[int]]]]:
+    """Rank 0's part of validation, on an unsharded model: with ``validation.tree_cost: measured`` the tree is
+    calibrated on this machine's step cost (:func:`calibrate_tree_for_speed`); then the held-out prompts are
+    decoded (:func:`evaluate_decoding`) with the calibrated tree (unless ``decode_with_calibrated_tree: False``)
+    or ``medusa_choices``.
+
+    Args:
+        model (nn.Module): the unsharded Medusa model.
+        prompts (Sequence[Sequence[int]]): held-out prompt tokens (may be empty).
+        val_cfg (Any): the ``validation`` config section.
+        medusa_choices (Any): the configured tree (a name or rank paths).
+        calibrated_tree (Optional[List[List[int]]]): the tree calibrated so far, or None.
+        agreement (Optional[Sequence[Sequence[float]]]): the agreement table of :func:`evaluate_heads`, or None.
+        stop_tokens (Sequence[int]): the tokenizer's stop tokens.
+        device (torch.device): the training device.
+
+    Returns:
+        Tuple[Dict[str, Any], Optional[List[List[int]]]]: the decoding metrics and the calibrated tree.
+    """
+    metrics: Dict[str, Any] = {}
+    num_nodes = val_cfg.get("calibrate_tree_nodes", None)
+    if agreement is not None and num_nodes and val_cfg.get("tree_cost", "none") == "measured":
+        calibrated_tree = calibrate_tree_for_speed(
+            model,
+            agreement,
+            int(num_nodes),
+            dtype=decode_dtype(str(val_cfg.get("decode_dtype", "auto")), device),
+            context_len=int(val_cfg.get("max_prompt_len", 128)),
+        )
+    if prompts:
+        choices = medusa_choices
+        if val_cfg.get("decode_with_calibrated_tree", True) and calibrated_tree is not None:
+            choices = calibrated_tree
+        metrics.update(
+            evaluate_decoding(
+                model,
+                prompts,
+                max_new_tokens=int(val_cfg.get("max_new_tokens", 64)),
+                medusa_choices=choices,
+                stop_tokens=stop_tokens,
+            )
+        )
+        metrics["val/tree_nodes"] = len(choices) if not isinstance(choices, str) else choices
+    return metrics, calibrated_tree

@@ -57,6 +57,7 @@ from torchtune_medusa.training._state import (
     check_training_state,
     load_training_state,
     remove_stale_temp_files,
+    resume_settings,
     save_training_state,
 )
 from torchtune_medusa.training._validation import (
@@ -124,7 +125,6 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         )
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
-        self.dp_size, self.dp_rank = self.world_size, self.rank
 
         self._medusa_version = int(cfg.get("medusa_version", 1))
         self._stages: List[Stage] = parse_stages(cfg.get("stages", None), medusa_version=self._medusa_version)
@@ -195,7 +195,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 medusa_version=self._medusa_version,
                 world_size=self.world_size,
                 rank=self.rank,
-                settings=self._resume_settings(cfg),
+                settings=resume_settings(cfg),
             )
             if self._resume_state["seed"] != seed:
                 utils.log_rank_zero(
@@ -203,15 +203,6 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 )
                 seed = self._resume_state["seed"]
         self.seed = training.set_seed(seed=seed, debug_mode=cfg.get("cudnn_deterministic_mode", None))
-
-    def _resume_settings(self, cfg: DictConfig) -> Dict[str, Any]:
-        """This run's values of the settings that decide the data order (recorded in every training state)."""
-        return {
-            "batch_size": cfg.batch_size,
-            "shuffle": cfg.shuffle,
-            "gradient_accumulation_steps": self._gradient_accumulation_steps,
-            "max_steps_per_epoch": self.max_steps_per_epoch,
-        }
 
     # ------------------------------------------------------------------------------------------------------
     # Setup.
@@ -368,8 +359,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             batch_size=batch_size,
             shuffle=shuffle,
             seed=self.seed,
-            world_size=self.dp_size,
-            rank=self.dp_rank,
+            world_size=self.world_size,
+            rank=self.rank,
         )
         utils.log_rank_zero(log, f"Dataset: {len(ds)} samples, {len(dataloader)} batches per rank and epoch")
         return dataloader, ds, collate
@@ -504,7 +495,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 "epoch_step": self._epoch_step,
                 "global_step": self.global_step,
                 "total_epochs": self.total_epochs,
-                **self._resume_settings(self._cfg),
+                **resume_settings(self._cfg),
                 "num_samples": len(self._dataset),
                 "world_size": self.world_size,
                 "medusa_version": self._medusa_version,

@@ -50,6 +50,7 @@ __all__ = [
     "load_training_state",
     "load_training_state_file",
     "remove_stale_temp_files",
+    "resume_settings",
     "save_training_state",
 ]
 
@@ -197,6 +198,24 @@ def load_training_state_file(state_dir: os.PathLike, name: str, *, mmap: bool = 
 #: Settings that fix which samples each step sees; a training state records them and resuming with other values
 #: is refused (the run would not continue where it stopped).
 RESUME_SETTINGS = ("batch_size", "shuffle", "gradient_accumulation_steps", "max_steps_per_epoch", "num_samples")
+
+
+def resume_settings(cfg: Any) -> Dict[str, Any]:
+    """A run's values of the settings that decide the data order (recorded in every training state; all of
+    :data:`RESUME_SETTINGS` but ``num_samples``, which is known once the data set is built).
+
+    Args:
+        cfg (Any): the recipe config.
+
+    Returns:
+        Dict[str, Any]: ``batch_size``, ``shuffle``, ``gradient_accumulation_steps`` and ``max_steps_per_epoch``.
+    """
+    return {
+        "batch_size": cfg.batch_size,
+        "shuffle": cfg.shuffle,
+        "gradient_accumulation_steps": cfg.get("gradient_accumulation_steps", 1),
+        "max_steps_per_epoch": cfg.get("max_steps_per_epoch", None),
+    }
 
 
 def check_resume_settings(state_dir: os.PathLike, saved: Dict[str, Any], current: Dict[str, Any]) -> None:

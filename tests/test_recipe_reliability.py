@@ -26,6 +26,7 @@ from tests.data_common import conv, tiny_tokenizer, write_jsonl
 from tests.test_recipe import _toy_rows, heads_sidecar, make_cfg, recipe_mod, REPO, run_recipe
 from torchtune_medusa.data import medusa_chat_dataset
 from torchtune_medusa.training import MedusaHFCheckpointer
+from torchtune_medusa.training._config_checks import check_config, check_config_keys, check_numbers
 
 STATE = "training_state"
 
@@ -122,11 +123,12 @@ def test_stale_temp_folders_are_removed_at_start(assets, tmp_path, caplog):
         out / STATE / ".tmp_step_0000004_q9w8e7r6",
         out / STATE / ".staging_step_0000004",
         out / STATE / ".latest.tmp",
+        out / STATE / ".tmp_latest_a1b2c3d4",
         out / ".old_epoch_1_4242",  # epoch_1 exists: the leftover of a finished replacement
     ]
     foreign = [out / ".tmp_notes", out / "tmp_epoch_0_ab12cd_3", out / "epoch_1" / ".tmp_epoch_0_ab12cd_3", out / "x"]
     for p in stale + foreign:
-        if p.name.endswith((".tmp", "_x1y2z3w4", "x")):
+        if p.name.endswith((".tmp", "_x1y2z3w4", "_a1b2c3d4", "x")):
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text("data")
         else:
@@ -162,21 +164,21 @@ def test_stale_temp_folders_are_removed_at_start(assets, tmp_path, caplog):
 def test_unknown_config_keys_are_named_with_the_nearest_key(assets, tmp_path, override, bad, nearest):
     cfg = _cli(make_cfg(assets, tmp_path / "out"), override)
     with pytest.raises(ValueError, match="unknown config key") as e:
-        recipe_mod.check_config(cfg)
+        check_config(cfg)
     assert bad in str(e.value) and f"did you mean {nearest}" in str(e.value)
 
 
 def test_validation_section_keys_are_checked(assets, tmp_path):
     cfg = make_cfg(assets, tmp_path / "out", validation={"num_prompt": 3})
     with pytest.raises(ValueError, match="'validation.num_prompt' \\(did you mean 'validation.num_prompts'"):
-        recipe_mod.check_config(cfg)
+        check_config(cfg)
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "configs" / "*" / "*medusa*.yaml"))))
 def test_shipped_configs_have_no_unknown_keys(path):
     cfg = OmegaConf.load(path)
-    recipe_mod.check_config_keys(cfg)
-    recipe_mod.check_numbers(cfg)
+    check_config_keys(cfg)
+    check_numbers(cfg)
 
 
 @pytest.mark.parametrize(
@@ -192,7 +194,7 @@ def test_shipped_configs_have_no_unknown_keys(path):
 def test_non_positive_counts_are_refused(assets, tmp_path, override, fix):
     cfg = _cli(make_cfg(assets, tmp_path / "out"), override)
     with pytest.raises(ValueError) as e:
-        recipe_mod.check_config(cfg)
+        check_config(cfg)
     assert override in str(e.value) and fix in str(e.value)
     assert not (tmp_path / "out").exists()
 
@@ -231,7 +233,7 @@ def test_empty_jsonl_names_the_file(assets, tmp_path):
     empty.write_text("\n")
     cfg = make_cfg(assets, tmp_path / "out", **{"dataset.data_files": str(empty)})
     with pytest.raises(ValueError, match=f"data file '{empty}' is empty .*point data_files at"):
-        recipe_mod.check_config(cfg)
+        check_config(cfg)
     tok = tiny_tokenizer(assets["hf"])
     for content in ("", "  \n\n"):
         empty.write_text(content)
@@ -283,7 +285,7 @@ def test_corrupt_head_checkpoint_names_the_file(assets, tmp_path, content):
     sidecar.write_bytes(content)
     cfg = make_cfg(assets, tmp_path / "out", **{"checkpointer.medusa_checkpoint_dir": str(heads)})
     with pytest.raises(ValueError, match=f"the head checkpoint {sidecar} is not a readable safetensors file"):
-        recipe_mod.check_config(cfg)
+        check_config(cfg)
 
 
 # ------------------------------------------------------------------------------------------------ item 9
@@ -321,7 +323,7 @@ def test_inputs_are_checked_before_the_checkpoint_loads(assets, tmp_path, no_che
 def test_zero_max_steps_per_epoch_says_so(assets, tmp_path):
     cfg = _cli(make_cfg(assets, tmp_path / "out"), "max_steps_per_epoch=0")
     with pytest.raises(ValueError) as e:
-        recipe_mod.check_config(cfg)
+        check_config(cfg)
     msg = str(e.value)
     assert "max_steps_per_epoch=0" in msg and "max_steps_per_epoch=null" in msg
     assert "gradient_accumulation_steps" not in msg

@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
+from torchtune_medusa._files import MEDUSA_CHOICES_FILE, write_json
 from torchtune_medusa.generation._kv import kv_caches
 from torchtune_medusa.generation._step import (
     Acceptance,
@@ -49,7 +50,7 @@ from torchtune_medusa.generation._tree import Path as RankPath
 
 log = logging.getLogger(__name__)
 
-TREE_FILENAME = "medusa_choices.json"
+TREE_FILENAME = MEDUSA_CHOICES_FILE
 TREE_FORMAT = "torchtune_medusa.tree/1"
 
 
@@ -369,10 +370,7 @@ def save_tree(path: Union[str, os.PathLike], tree: Union[CalibratedTree, Sequenc
         data["meta"].update(meta)
     else:
         data = {"format": TREE_FORMAT, "medusa_choices": [list(map(int, p)) for p in tree], "meta": meta}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(path, data, indent=1)
 
 
 def load_tree(path: Union[str, os.PathLike]) -> Tuple[List[RankPath], Dict[str, object]]:

@@ -39,24 +39,29 @@ Note:
 """
 
 import json
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open, SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-HEAD_FILE = "medusa_lm_head.safetensors"
+from torchtune_medusa._files import (
+    HF_CONFIG_FILE,
+    MEDUSA_CONFIG_FILE,
+    MEDUSA_HEADS_FILE,
+    save_safetensors,
+    VLLM_WEIGHTS_FILE,
+    write_json,
+)
+
+#: The head sidecar (the name is owned by :mod:`torchtune_medusa._files`).
+HEAD_FILE = MEDUSA_HEADS_FILE
 LEGACY_HEAD_FILE = "medusa_lm_head.pt"
-MEDUSA_CONFIG_FILE = "medusa_config.json"
-VLLM_WEIGHTS_FILE = "model.safetensors"
-HF_CONFIG_FILE = "config.json"
 PREFIX = "medusa_heads."
 #: The heads' token map (truncated vocabulary), as vLLM names it: ``medusa_heads.token_map`` in a state dict.
 TOKEN_MAP_KEY = "token_map"
@@ -134,40 +139,6 @@ class MedusaHeadConfig:
         if self.truncated_vocab_size is not None:
             out["truncated_vocab_size"] = self.truncated_vocab_size
         return out
-
-
-# ----------------------------------------------------------------------------------------------- file helpers
-
-
-def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: Union[str, Path]) -> None:
-    """Write a safetensors file atomically (temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(obj: Any, path: Union[str, Path]) -> None:
-    """Write JSON atomically (temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _unreadable(path: Path, error: Exception) -> ValueError:
@@ -541,16 +512,16 @@ def export_heads(
         if base_model_name_or_path:
             config["base_model_name_or_path"] = base_model_name_or_path
         _check_overwrite(out_dir, export_files(fmt))
-        atomic_save_safetensors(tensors, out_dir / VLLM_WEIGHTS_FILE)
-        atomic_write_json(config, out_dir / HF_CONFIG_FILE)
+        save_safetensors(out_dir / VLLM_WEIGHTS_FILE, tensors)
+        write_json(out_dir / HF_CONFIG_FILE, config)
         return cfg
 
     _check_overwrite(out_dir, export_files(fmt))
-    atomic_save_safetensors(fd_sd, out_dir / HEAD_FILE)
+    save_safetensors(out_dir / HEAD_FILE, fd_sd)
     if fmt == "torchtune":
-        atomic_write_json(cfg.torchtune_json(), out_dir / MEDUSA_CONFIG_FILE)
+        write_json(out_dir / MEDUSA_CONFIG_FILE, cfg.torchtune_json())
     else:
-        atomic_write_json(cfg.fasterdecoding_json(), out_dir / HF_CONFIG_FILE)
+        write_json(out_dir / HF_CONFIG_FILE, cfg.fasterdecoding_json())
     return cfg
 
 
@@ -763,8 +734,6 @@ __all__ = [
     "HEAD_FORMATS",
     "MEDUSA_CONFIG_FILE",
     "MedusaHeadConfig",
-    "atomic_save_safetensors",
-    "atomic_write_json",
     "base_output_weight_of",
     "detect_format",
     "export_files",

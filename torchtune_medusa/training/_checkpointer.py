@@ -6,6 +6,7 @@
 """An HF checkpointer that also loads, initialises and saves Medusa heads."""
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -13,18 +14,15 @@ import torch
 from torchtune import training
 from torchtune.training.checkpointing import FullModelHFCheckpointer
 
+from torchtune_medusa._files import epoch_dir_name, MEDUSA_CONFIG_FILE, save_safetensors, write_json
 from torchtune_medusa.models._component_builders import validate_medusa_args
 from torchtune_medusa.models._convert_weights import (
-    atomic_save_safetensors,
-    atomic_write_json,
     HEAD_FILE,
     import_heads,
     infer_head_config,
-    MEDUSA_CONFIG_FILE,
     MedusaHeadConfig,
     PREFIX,
 )
-from torchtune_medusa.training._recipe_utils import set_default_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +32,35 @@ MEDUSA_KEY = "medusa_heads"
 
 #: Seed of the head-bias initialisation, the same on every rank.
 HEAD_INIT_SEED = 0
+
+
+def num_heads_in_sidecar(directory: Path) -> Optional[int]:
+    """Number of heads in the head sidecar ``medusa_lm_head.safetensors`` in ``directory`` (its header only: a
+    cheap check before the base checkpoint loads), or None when there is none.
+
+    Args:
+        directory (Path): a checkpoint folder.
+
+    Returns:
+        Optional[int]: the number of heads, or None.
+
+    Raises:
+        ValueError: the sidecar is not a readable safetensors file.
+    """
+    path = Path(directory) / HEAD_FILE
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            heads = {k.split(".", 1)[0] for k in f.keys()}
+    except Exception as e:
+        raise ValueError(
+            f"the head checkpoint {path} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
+            "truncated or corrupt: restore or rewrite it, or move it away to start new heads"
+        ) from e
+    return len([h for h in heads if h.isdigit()]) or None
 
 
 class MedusaHFCheckpointer(FullModelHFCheckpointer):
@@ -262,7 +289,30 @@ class MedusaHFCheckpointer(FullModelHFCheckpointer):
                 f"or adapter state dict, no state_dict['{MEDUSA_KEY}']): no {HEAD_FILE} written"
             )
             return
-        self.save_heads(heads, self._output_dir / f"epoch_{epoch}")
+        self.save_heads(heads, self._output_dir / epoch_dir_name(epoch))
+
+    def save_checkpoint_to(self, directory: Union[str, Path], state_dict: Dict[str, Any], *, epoch: int) -> None:
+        """:meth:`save_checkpoint` (final, not intermediate) into ``directory`` itself instead of
+        ``output_dir/epoch_{epoch}``: a caller can write an epoch folder elsewhere first (e.g. a temporary folder
+        that is renamed into place once complete).
+
+        Args:
+            directory (Union[str, Path]): the folder to hold the checkpoint files.
+            state_dict (Dict[str, Any]): as in :meth:`save_checkpoint`.
+            epoch (int): epoch number (recorded by torchtune's save).
+        """
+        directory = Path(directory)
+        real_output_dir = self._output_dir
+        self._output_dir = directory
+        try:
+            self.save_checkpoint(state_dict, epoch=epoch, intermediate_checkpoint=False)
+        finally:
+            self._output_dir = real_output_dir
+        written = directory / epoch_dir_name(epoch)
+        if written.is_dir():  # flatten directory/epoch_N/* into directory/*
+            for f in written.iterdir():
+                os.replace(f, directory / f.name)
+            written.rmdir()
 
     def save_heads(self, heads: Dict[str, torch.Tensor], out_dir: Union[str, Path]) -> Path:
         """Write ``heads`` (``medusa_heads.*`` keys) as ``medusa_lm_head.safetensors`` + ``medusa_config.json``
@@ -290,12 +340,10 @@ class MedusaHFCheckpointer(FullModelHFCheckpointer):
                 f"was configured for {self.medusa_num_heads} x {self.medusa_num_layers} ({self.medusa_projection})"
             )
         path = out_dir / HEAD_FILE
-        atomic_save_safetensors(fd_sd, path)
-        atomic_write_json(cfg.torchtune_json(), out_dir / MEDUSA_CONFIG_FILE)
-        for written in (path, out_dir / MEDUSA_CONFIG_FILE):  # readable as the umask allows, like torchtune's files
-            set_default_permissions(written)
+        save_safetensors(path, fd_sd)  # readable as the umask allows, like torchtune's files
+        write_json(out_dir / MEDUSA_CONFIG_FILE, cfg.torchtune_json())
         logger.info(f"Medusa heads ({cfg.num_heads} x {cfg.num_layers} blocks, {cfg.projection}) saved to {path}")
         return path
 
 
-__all__ = ["HEAD_INIT_SEED", "MEDUSA_KEY", "MedusaHFCheckpointer"]
+__all__ = ["HEAD_INIT_SEED", "MEDUSA_KEY", "MedusaHFCheckpointer", "num_heads_in_sidecar"]

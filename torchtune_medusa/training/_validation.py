@@ -20,17 +20,30 @@ Two measurements, both on held-out data:
 (:func:`torchtune_medusa.generation.grow_tree`).
 """
 
+import copy
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchtune import utils
 
 from torchtune_medusa.generation import grow_tree, medusa_generate
+from torchtune_medusa.generation._calibration import calibrate_tree, measure_step_cost
+from torchtune_medusa.generation._settings import decode_dtype, decode_threads
 from torchtune_medusa.modules.medusa_heads import to_head_vocab, token_map_index
 
-__all__ = ["tree_of_size", "evaluate_decoding", "evaluate_heads", "prompts_from_dataset"]
+__all__ = [
+    "calibrate_tree_for_speed",
+    "evaluate_decoding",
+    "evaluate_heads",
+    "prompts_from_dataset",
+    "tree_of_size",
+    "validate_decoding",
+]
+
+log = utils.get_logger("INFO")
 
 
 @torch.no_grad()
@@ -214,3 +227,99 @@ def tree_of_size(agreement: Sequence[Sequence[float]], num_nodes: int) -> List[L
     """The most valuable prefix-closed tree of ``num_nodes`` nodes for the measured agreement table
     (node value = product of the agreements along its path), as ``medusa_choices`` rank paths."""
     return [list(path) for path, _ in grow_tree(agreement, num_nodes)]
+
+
+def calibrate_tree_for_speed(
+    model: nn.Module, agreement: Sequence[Sequence[float]], max_nodes: int, *, dtype: torch.dtype, context_len: int
+) -> List[List[int]]:
+    """The tree with the most expected tokens per second on this machine: the measured agreement table and
+    the measured cost of T-token tree steps (possibly the empty tree, when plain decoding is faster).
+
+    Steps are timed as decoding will run them: in ``dtype`` (``validation.decode_dtype``, default auto: bf16 where
+    the hardware computes it natively) and, on CPU, with the decoding thread count (every core but one). They
+    are timed eagerly: compiling every size would cost minutes here.
+
+    Args:
+        model (nn.Module): an unsharded Medusa model.
+        agreement (Sequence[Sequence[float]]): the ``[K, topk]`` agreement table of :func:`evaluate_heads`.
+        max_nodes (int): the largest tree to consider (``validation.calibrate_tree_nodes``).
+        dtype (torch.dtype): the decoding dtype (the model is copied when it has another one).
+        context_len (int): the context length the steps are timed at (``validation.max_prompt_len``).
+
+    Returns:
+        List[List[int]]: the tree's rank paths (``medusa_choices``).
+    """
+    sizes = sorted({1, 2, 4, 8, 16, 32, 64, max_nodes + 1} & set(range(1, max_nodes + 2)))
+    device = next(model.parameters()).device
+    timed = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(decode_threads("auto"))
+    try:
+        step_cost = measure_step_cost(timed, sizes, context_len=context_len, repeats=5)
+    finally:
+        torch.set_num_threads(threads)
+    del timed
+    best = calibrate_tree(agreement, step_cost, max_nodes=max_nodes)
+    cost_ms = {t: round(c * 1e3, 2) for t, c in step_cost.items()}
+    log.info(
+        f"Tree calibrated on measured step costs: {len(best.medusa_choices)} nodes, expected tau "
+        f"{best.expected_tokens_per_step:.2f}, step cost (ms) by tree tokens {cost_ms}"
+    )
+    return best.medusa_choices
+
+
+def validate_decoding(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    val_cfg: Any,
+    medusa_choices: Any,
+    calibrated_tree: Optional[List[List[int]]],
+    agreement: Optional[Sequence[Sequence[float]]],
+    stop_tokens: Sequence[int],
+    device: torch.device,
+) -> Tuple[Dict[str, Any], Optional[List[List[int]]]]:
+    """Rank 0's part of validation, on an unsharded model: with ``validation.tree_cost: measured`` the tree is
+    calibrated on this machine's step cost (:func:`calibrate_tree_for_speed`); then the held-out prompts are
+    decoded (:func:`evaluate_decoding`) with the calibrated tree (unless ``decode_with_calibrated_tree: False``)
+    or ``medusa_choices``.
+
+    Args:
+        model (nn.Module): the unsharded Medusa model.
+        prompts (Sequence[Sequence[int]]): held-out prompt tokens (may be empty).
+        val_cfg (Any): the ``validation`` config section.
+        medusa_choices (Any): the configured tree (a name or rank paths).
+        calibrated_tree (Optional[List[List[int]]]): the tree calibrated so far, or None.
+        agreement (Optional[Sequence[Sequence[float]]]): the agreement table of :func:`evaluate_heads`, or None.
+        stop_tokens (Sequence[int]): the tokenizer's stop tokens.
+        device (torch.device): the training device.
+
+    Returns:
+        Tuple[Dict[str, Any], Optional[List[List[int]]]]: the decoding metrics and the calibrated tree.
+    """
+    metrics: Dict[str, Any] = {}
+    num_nodes = val_cfg.get("calibrate_tree_nodes", None)
+    if agreement is not None and num_nodes and val_cfg.get("tree_cost", "none") == "measured":
+        calibrated_tree = calibrate_tree_for_speed(
+            model,
+            agreement,
+            int(num_nodes),
+            dtype=decode_dtype(str(val_cfg.get("decode_dtype", "auto")), device),
+            context_len=int(val_cfg.get("max_prompt_len", 128)),
+        )
+    if prompts:
+        choices = medusa_choices
+        if val_cfg.get("decode_with_calibrated_tree", True) and calibrated_tree is not None:
+            choices = calibrated_tree
+        metrics.update(
+            evaluate_decoding(
+                model,
+                prompts,
+                max_new_tokens=int(val_cfg.get("max_new_tokens", 64)),
+                medusa_choices=choices,
+                stop_tokens=stop_tokens,
+            )
+        )
+        metrics["val/tree_nodes"] = len(choices) if not isinstance(choices, str) else choices
+    return metrics, calibrated_tree

@@ -181,6 +181,9 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         # set by validation
         self._calibrated_tree: Optional[List[List[int]]] = None  # an empty tree says plain decoding is fastest
         self._last_agreement: Optional[List[List[float]]] = None
+        self._tokens_trained = 0  # by this process run (a resumed run counts from its resume point)
+        self._learning_curve: List[Dict[str, float]] = []  # held-out head top-1 at every validation
+        self._val_hidden: Optional[List[torch.Tensor]] = None  # Medusa-1: the frozen backbone's held-out states
 
         if self._is_rank_zero:  # what killed runs left half-written, before anything is written
             remove_stale_temp_files(self._output_dir)
@@ -540,6 +543,16 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
     # ------------------------------------------------------------------------------------------------------
     # Validation.
 
+    def _validation_hidden(self, batches: List[Dict[str, Any]]):
+        """``hidden_fn`` for :func:`evaluate_heads`: with a frozen backbone (Medusa-1) the held-out hidden states
+        are computed at the first validation and reused (validating often, for the learning curve, stays cheap)."""
+        if self._medusa_version != 1:
+            return self._backbone_hidden_no_grad
+        if self._val_hidden is None:
+            self._val_hidden = [self._backbone_hidden_no_grad(b) for b in batches]
+        by_batch = {id(b): h for b, h in zip(batches, self._val_hidden)}
+        return lambda batch: by_batch[id(batch)]
+
     def _validate(self, final: bool = False) -> Dict[str, Any]:
         if self._val_cfg is None:
             return {}
@@ -554,7 +567,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             ]
             res = evaluate_heads(
                 batches=batches,
-                hidden_fn=self._backbone_hidden_no_grad,
+                hidden_fn=self._validation_hidden(batches),
                 project=self._project_outside_forward,
                 num_heads=self._model.num_medusa_heads,
                 ignore_index=self._ignore_index,
@@ -567,6 +580,13 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             self._root_params.release()
             metrics.update(res["metrics"])
             agreement = res["agreement"]
+            self._learning_curve.append(
+                {
+                    "step": self.global_step,
+                    "train_tokens": self._tokens_trained,
+                    **{k[len("val/") :]: v for k, v in res["metrics"].items() if k.startswith("val/top1/head_")},
+                }
+            )
         num_nodes = self._val_cfg.get("calibrate_tree_nodes", None)
         measure_cost = self._val_cfg.get("tree_cost", "none") == "measured"
         if agreement is not None and num_nodes and not measure_cost:
@@ -624,7 +644,6 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         running_loss = torch.zeros((), device=self._device)
         num_tokens = torch.zeros((), device=self._device, dtype=torch.long)
         head_sums = head_correct = head_counts = None
-        tokens_trained = 0
         last_train_metrics: Dict[str, float] = {}
         current_stage = stage_at(self._stages, self.global_step)
 
@@ -698,7 +717,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 for t in (head_sums, head_correct, head_counts):
                     dist.all_reduce(t)
                 n_tok = int(num_tokens.item())
-                tokens_trained += n_tok
+                self._tokens_trained += n_tok
                 loss_to_log = running_loss.item() / max(1, n_tok)
                 pbar.update(1)
                 pbar.set_description(f"{curr_epoch + 1}|{self.global_step}|{stage.name}|Loss: {loss_to_log:.4f}")
@@ -752,8 +771,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             "global_step": self.global_step,
             "epochs": self.epochs_run,
             "train_time_s": train_time,
-            "train_tokens": tokens_trained,
-            "train_tokens_per_second": tokens_trained / max(train_time, 1e-9),
+            "train_tokens": self._tokens_trained,
+            "train_tokens_per_second": self._tokens_trained / max(train_time, 1e-9),
             "world_size": self.world_size,
             "train": {k: v for k, v in last_train_metrics.items()},
             "validation": {k: v for k, v in final_val.items() if isinstance(v, (int, float, str))},
@@ -762,6 +781,8 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             self._final_metrics["medusa_choices"] = self._calibrated_tree
         if self._last_agreement is not None:
             self._final_metrics["agreement_table"] = self._last_agreement
+        if self._learning_curve:
+            self._final_metrics["learning_curve"] = self._learning_curve
         self.save_checkpoint(epoch=self.epochs_run - 1)
 
     def save_checkpoint(self, epoch: int) -> None:

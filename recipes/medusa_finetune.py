@@ -48,8 +48,8 @@ from tqdm import tqdm
 
 from torchtune_medusa._config import register_resolvers
 from torchtune_medusa.data._utils import check_local_data_file
-from torchtune_medusa.generation import calibrate_tree, decode_dtype, decode_threads, measure_step_cost
-from torchtune_medusa.generation._settings import DTYPES
+from torchtune_medusa.generation import calibrate_tree, measure_step_cost
+from torchtune_medusa.generation._settings import decode_dtype, decode_threads, DTYPES
 from torchtune_medusa.modules.loss import medusa_loss_metrics, MedusaSelfDistillationLoss
 from torchtune_medusa.training._recipe_utils import (
     atomic_directory,

@@ -13,16 +13,10 @@ import torch
 from common import TINY, tiny_medusa
 from torchtune.models.llama3_1 import llama3_1
 
-from torchtune_medusa.generation import (
-    chain,
-    generate,
-    kv_caches,
-    medusa_generate,
-    scoped_kv_cache,
-    topk_per_head_tree,
-    typical_node_mask,
-    typical_threshold,
-)
+from torchtune_medusa.generation import generate, medusa_generate
+from torchtune_medusa.generation._kv import kv_caches, scoped_kv_cache
+from torchtune_medusa.generation._sampling import typical_node_mask, typical_threshold
+from torchtune_medusa.generation._tree import chain, topk_per_head_tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

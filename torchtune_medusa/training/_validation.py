@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchtune_medusa.generation import grow_tree, medusa_generate
+from torchtune_medusa.generation import medusa_generate
+from torchtune_medusa.generation._tree import grow_tree
 
 __all__ = ["tree_of_size", "evaluate_decoding", "evaluate_heads", "prompts_from_dataset"]
 

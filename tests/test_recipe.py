@@ -387,7 +387,7 @@ def test_validation_calibrates_tree_on_measured_step_cost(assets, tmp_path):
 def test_validation_tau_is_one_when_heads_always_miss(assets):
     """Heads forced to always propose a token the base model never picks: real decoding accepts nothing."""
     from torchtune_medusa.models import medusa_smollm2
-    from torchtune_medusa.training._validation import evaluate_decoding
+    from torchtune_medusa.training import evaluate_decoding
 
     torch.manual_seed(0)
     model = medusa_smollm2(**TINY_ARGS, rope_base=10_000, medusa_num_heads=3).eval()

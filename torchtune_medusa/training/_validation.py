@@ -17,7 +17,7 @@ Two measurements, both on held-out data:
    per step, bonus token included) and per-head acceptance.
 
 :func:`tree_of_size` turns the agreement table into the best prefix-closed tree of a given size
-(:func:`torchtune_medusa.generation.grow_tree`).
+(:func:`torchtune_medusa.generation._tree.grow_tree`).
 """
 
 import time

@@ -63,7 +63,7 @@ def latest_epoch_dir(run_or_epoch_dir: Union[str, Path]) -> Path:
     weights, else its ``epoch_N`` sub-folder with the largest N (a ``medusa_finetune`` output dir).
 
     Raises:
-        FileNotFoundError: the folder does not exist, or holds neither heads nor ``epoch_N`` folders.
+        FileNotFoundError: the folder does not exist, or holds neither model weights nor ``epoch_N`` folders.
     """
     path = Path(run_or_epoch_dir).expanduser()
     if not path.is_dir():
@@ -206,11 +206,9 @@ def load_saved_tree(checkpoint_dir: Path, num_heads: int) -> Optional[List[Tuple
     return tree
 
 
-def _read_checkpoint(checkpointer: Any) -> Dict[str, torch.Tensor]:
-    return checkpointer.load_checkpoint()[training.MODEL_KEY]
-
-
 def _build(hf_config: Dict[str, Any], source: Path, device: torch.device, dtype: torch.dtype, **head_args: Any):
+    """The model of ``hf_config`` (with Medusa heads when ``head_args`` are given), built in ``dtype`` on ``device``
+    as torchtune's recipes build it."""
     with training.set_default_dtype(dtype), device:
         base = base_from_hf_config(hf_config, source)
         if not head_args:
@@ -249,14 +247,13 @@ def load_hf_base(
     hf_config = _read_json(checkpoint_dir / "config.json", HF_CONFIG_FIX)
     model = _build(hf_config, checkpoint_dir / "config.json", device, dtype)  # checks the config first
     with tempfile.TemporaryDirectory() as unused_output_dir:  # loading writes nothing there
-        state_dict = _read_checkpoint(
-            FullModelHFCheckpointer(
-                checkpoint_dir=str(checkpoint_dir),
-                checkpoint_files=base_weight_files(checkpoint_dir),
-                model_type="LLAMA3",
-                output_dir=unused_output_dir,
-            )
+        checkpointer = FullModelHFCheckpointer(
+            checkpoint_dir=str(checkpoint_dir),
+            checkpoint_files=base_weight_files(checkpoint_dir),
+            model_type="LLAMA3",
+            output_dir=unused_output_dir,
         )
+        state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
     model.load_state_dict(state_dict)
     return model.eval()
 
@@ -311,7 +308,7 @@ def load_hf_medusa(
             medusa_checkpoint_dir=str(heads_dir) if heads_dir else None,
             **head_args,
         )
-        state_dict = _read_checkpoint(checkpointer)
+        state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
     model.load_state_dict(state_dict)
     return model.eval(), checkpointer.medusa_heads_source
 

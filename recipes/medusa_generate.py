@@ -167,32 +167,34 @@ class MedusaGenerateRecipe:
         training.set_seed(seed=cfg.get("seed"))
 
     def setup(self, cfg: DictConfig) -> None:
-        """Check the tree and read the prompts, then load the model (from ``run_dir`` with
-        :func:`~torchtune_medusa.load_medusa`, else from the ``model``/``checkpointer``/``tokenizer`` sections) and
-        tokenize the prompts."""
-        tree_cfg = cfg.get("medusa_choices")
+        """Check the tree and the prompts, then load the model: from ``run_dir`` with
+        :func:`~torchtune_medusa.load_medusa`, else from the ``model``/``checkpointer``/``tokenizer`` sections (the
+        prompts are tokenized before the model loads)."""
         run_dir = cfg.get("run_dir")
-        num_heads = None if run_dir else cfg.model.get("medusa_num_heads")
-        if tree_cfg is not None:
-            self._tree = choose_tree(tree_cfg, num_heads)
+        tree_cfg = cfg.get("medusa_choices")
+        if tree_cfg is None and not run_dir:
+            tree_cfg = DEFAULT_TREE
+        if tree_cfg is not None:  # the heads' depth is checked too when the config gives it
+            self._tree = choose_tree(tree_cfg, None if run_dir else cfg.model.get("medusa_num_heads"))
         prompts = read_prompts(cfg)
         if run_dir:
             run = load_medusa(run_dir, device=self._device, dtype=self._dtype)
             logger.info(f"loaded {run.checkpoint_dir} ({run.model.num_medusa_heads} Medusa heads)")
-            self._model, self._tokenizer = run.model, run.tokenizer
-            if self._tokenizer is None:
+            if run.tokenizer is None:
                 raise ValueError(f"run_dir={run_dir!r}: no tokenizer in {run.checkpoint_dir}")
-            saved_tree = run.medusa_choices
+            self._model, self._tokenizer = run.model, run.tokenizer
+            self._prompts = [(prompt, self.prompt_tokens(prompt, cfg)) for prompt in prompts]
+            if tree_cfg is None and run.medusa_choices is not None:
+                logger.info(f"medusa_choices: the tree saved with the heads ({len(run.medusa_choices)} nodes)")
+                self._tree = run.medusa_choices
+                return
+            tree_cfg = DEFAULT_TREE if tree_cfg is None else tree_cfg
         else:
             self._tokenizer = config.instantiate(cfg.tokenizer)
+            self._prompts = [(prompt, self.prompt_tokens(prompt, cfg)) for prompt in prompts]
             self._model = self.load_model_from_config(cfg)
-            saved_tree = None
-        if tree_cfg is None and saved_tree is not None:
-            logger.info(f"medusa_choices: the tree saved with the heads ({len(saved_tree)} nodes)")
-            self._tree = saved_tree
-        else:  # checked again now that the heads are known: a named tree is cut to their depth
-            self._tree = choose_tree(DEFAULT_TREE if tree_cfg is None else tree_cfg, self._model.num_medusa_heads)
-        self._prompts = [(prompt, self.prompt_tokens(prompt, cfg)) for prompt in prompts]
+        # checked again now that the heads are known: a named tree is cut to their depth
+        self._tree = choose_tree(tree_cfg, self._model.num_medusa_heads)
 
     def load_model_from_config(self, cfg: DictConfig) -> nn.Module:
         """The ``model`` section built in the decode dtype, with the ``checkpointer``'s weights, in eval mode."""

@@ -15,8 +15,9 @@ Models (``--model``):
 
 * ``smollm2`` (default when the asset exists): SmolLM2-135M-Instruct from ``torchtune_medusa.assets.prepare()``
   with freshly initialised (untrained) heads, or with trained heads when ``--checkpoint`` is given.
-* ``checkpoint``: ``--checkpoint DIR``, an HF-format model folder with ``medusa_lm_head.safetensors`` (+
-  ``medusa_config.json``) next to it or in ``--heads DIR``. ``--model-type`` and ``--builder`` say what it is.
+* ``checkpoint``: ``--checkpoint DIR``, a ``medusa_finetune`` output dir (its latest ``epoch_N``) or an HF-format
+  Llama folder with ``medusa_lm_head.safetensors`` (+ ``medusa_config.json``) next to it or in ``--heads DIR``,
+  loaded with :func:`torchtune_medusa.load_medusa` (the architecture comes from its ``config.json``).
 * ``smollm2-random``: a SmolLM2-shaped model with random weights (no asset needed).
 * ``tiny``: a 2-layer in-process model whose heads are trained for a few seconds on its own greedy output.
 * ``llama8b-random`` (GPU): a Llama-3.1-8B-shaped model with random bf16 weights, for the step-cost curve.
@@ -25,7 +26,7 @@ Examples::
 
     python benchmarks/bench_decode.py --out output/bench            # a few minutes on 2 CPU cores
     python benchmarks/bench_decode.py --model tiny --out output/bench_tiny
-    python benchmarks/bench_decode.py --model checkpoint --checkpoint output/medusa/epoch_0 --out output/bench_ckpt
+    python benchmarks/bench_decode.py --model checkpoint --checkpoint output/smollm2_135m_medusa --out output/bench_ckpt
 """
 
 import argparse
@@ -36,7 +37,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -45,24 +45,26 @@ import torch
 
 from torchtune_medusa.generation import (
     _step,
-    build_tree_buffers,
     calibrate_tree,
-    chain,
-    evict_to_path,
-    frequent_tokens,
     generate,
-    kv_caches,
     load_tree,
     measure_head_accuracies,
     measure_step_cost,
     medusa_generate,
     save_tree,
-    scoped_kv_cache,
+)
+from torchtune_medusa.generation._kv import evict_to_path, kv_caches, scoped_kv_cache
+from torchtune_medusa.generation._settings import decode_compile, decode_dtype, decode_threads
+from torchtune_medusa.generation._step import frequent_tokens
+from torchtune_medusa.generation._tree import (
+    build_tree_buffers,
+    chain,
+    MC_SIM_7B_63,
     topk_per_head_tree,
+    TREE_FILENAME,
     tree_stats,
 )
-from torchtune_medusa.generation._settings import decode_compile, decode_dtype, decode_threads
-from torchtune_medusa.generation._tree import MC_SIM_7B_63
+from torchtune_medusa.models._convert_weights import MEDUSA_CONFIG_FILE
 
 TEXT_PROMPTS = [
     "The history of the printing press begins",
@@ -130,55 +132,40 @@ def _smollm2_random(num_heads: int, projection: str = "shared"):
     return model.eval(), None
 
 
-def _load_hf(checkpoint_dir: Path, heads_dir, builder: str, model_type: str, num_heads: int, projection: str):
-    """Base weights through torchtune's HF path, heads from the sidecar (or freshly initialised)."""
-    from torchtune import training
+def _load_hf(checkpoint_dir: Path, heads_dir, num_heads: int, projection: str):
+    """An HF-format model with the heads of its own or ``heads_dir``'s sidecar (``medusa_config.json`` says their
+    shape), or ``num_heads`` freshly initialised heads; and its tokenizer."""
+    from torchtune_medusa._load import head_args_from_config, load_hf_medusa, load_tokenizer
 
-    from torchtune_medusa import models
-    from torchtune_medusa.training import MedusaHFCheckpointer
-
-    cfg_dir = Path(heads_dir) if heads_dir else checkpoint_dir
-    medusa_cfg = {}
-    if (cfg_dir / "medusa_config.json").is_file():
-        medusa_cfg = json.loads((cfg_dir / "medusa_config.json").read_text())
-    kwargs = dict(
-        medusa_num_heads=int(medusa_cfg.get("medusa_num_heads", num_heads)),
-        medusa_num_layers=int(medusa_cfg.get("medusa_num_layers", 1)),
-        medusa_projection=medusa_cfg.get("medusa_projection", projection),
-    )
-    files = sorted(p.name for p in checkpoint_dir.glob("*.safetensors") if not p.name.startswith("medusa_"))
-    with tempfile.TemporaryDirectory() as out:
-        ckpt = MedusaHFCheckpointer(
-            checkpoint_dir=str(checkpoint_dir),
-            checkpoint_files=files,
-            model_type=model_type,
-            output_dir=out,
-            medusa_checkpoint_dir=str(heads_dir) if heads_dir else None,
-            **kwargs,
-        )
-        sd = ckpt.load_checkpoint()[training.MODEL_KEY]
-        source = ckpt.medusa_heads_source
-    model = getattr(models, builder)(**kwargs)
-    model.load_state_dict(sd, strict=True)
-    tokenizer = None
-    if (checkpoint_dir / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(checkpoint_dir / "tokenizer.json"))
-    _log(f"loaded {checkpoint_dir} ({builder}); heads: {source or 'freshly initialised (untrained)'}")
-    return model.eval(), tokenizer
+    cfg_path = Path(heads_dir or checkpoint_dir) / MEDUSA_CONFIG_FILE
+    if cfg_path.is_file():
+        head_args = head_args_from_config(json.loads(cfg_path.read_text()), cfg_path)
+    else:
+        head_args = dict(medusa_num_heads=num_heads, medusa_projection=projection)
+    model, source = load_hf_medusa(checkpoint_dir, heads_dir=heads_dir, **head_args)
+    _log(f"loaded {checkpoint_dir}; heads: {source or 'freshly initialised (untrained)'}")
+    return model, load_tokenizer(checkpoint_dir)
 
 
-def _final_epoch(path: Path) -> Path:
-    """``path`` itself when it holds model weights, else the last ``epoch_N`` of a ``medusa_finetune`` output dir."""
-    if not path.is_dir():
-        raise SystemExit(f"--checkpoint {path}: no such directory")
-    if any(path.glob("*.safetensors")):
-        return path
-    epochs = sorted(path.glob("epoch_*"), key=lambda p: int(p.name.split("_")[-1]) if p.name[6:].isdigit() else -1)
-    if not epochs:
-        raise SystemExit(f"--checkpoint {path}: neither model weights nor epoch_N folders of a training run in it")
-    return epochs[-1]
+def _load_trained(args):
+    """``--checkpoint``: a training run (its latest epoch_N) or a folder with trained heads, with
+    :func:`torchtune_medusa.load_medusa`; an HF folder without heads gets ``--num-heads`` fresh ones."""
+    from torchtune_medusa import load_medusa
+    from torchtune_medusa._load import latest_epoch_dir
+
+    try:
+        ckpt = latest_epoch_dir(args.checkpoint)
+        if args.heads or not (ckpt / MEDUSA_CONFIG_FILE).is_file():
+            args.tokenizer_dir = str(ckpt)
+            return _load_hf(ckpt, args.heads, args.num_heads, args.head_projection)
+        run = load_medusa(ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--checkpoint {args.checkpoint}: {e}") from None
+    _log(f"loaded {run.checkpoint_dir} with its trained heads")
+    if args.medusa_choices is None and run.medusa_choices is not None:
+        args.medusa_choices = str(run.checkpoint_dir / TREE_FILENAME)  # the tree training calibrated
+    args.tokenizer_dir = str(run.checkpoint_dir)
+    return run.model, run.tokenizer
 
 
 def chat_prompts(tokenizer_dir: Path, prompt_file: str, n: int, skip: int = 0, max_len: int = 384):
@@ -217,11 +204,7 @@ def load_model(args):
     if args.model == "checkpoint":
         if not args.checkpoint:
             raise SystemExit("--model checkpoint needs --checkpoint DIR")
-        ckpt = _final_epoch(Path(args.checkpoint))
-        if args.medusa_choices is None and (ckpt / "medusa_choices.json").is_file():
-            args.medusa_choices = str(ckpt / "medusa_choices.json")  # the tree training calibrated
-        args.tokenizer_dir = str(ckpt if (ckpt / "tokenizer.json").is_file() else Path(args.checkpoint))
-        return _load_hf(ckpt, args.heads, args.builder, args.model_type, args.num_heads, args.head_projection)
+        return _load_trained(args)
     # smollm2
     from torchtune_medusa import assets
 
@@ -233,7 +216,7 @@ def load_model(args):
         args.model = "smollm2-random"
         return _smollm2_random(args.num_heads, args.head_projection)
     args.tokenizer_dir = str(path)
-    return _load_hf(path, args.heads, "medusa_smollm2_135m", "LLAMA3", args.num_heads, args.head_projection)
+    return _load_hf(path, args.heads, args.num_heads, args.head_projection)
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -392,7 +375,7 @@ def proposal_vocab(args, tokenizer, vocab_size: int) -> Optional[torch.Tensor]:
             replies += [t["value"] for t in turns if t.get("from") == "gpt"]
     if args.proposal_vocab > vocab_size:
         raise SystemExit(f"--proposal-vocab {args.proposal_vocab}: the model has only {vocab_size} tokens")
-    vocab = frequent_tokens((tokenizer.encode(r).ids for r in replies), args.proposal_vocab, vocab_size)
+    vocab = frequent_tokens((tokenizer.encode(r, add_eos=False) for r in replies), args.proposal_vocab, vocab_size)
     _log(f"proposal vocabulary: the {len(vocab)} most frequent tokens of {len(replies)} replies")
     return vocab
 
@@ -494,7 +477,7 @@ def run(args) -> Dict[str, object]:
         prompts, calib_prompts = prompts[: args.num_prompts], prompts[args.num_prompts :] or None
         stop = stop or chat_stop
     elif tokenizer is not None:
-        prompts = [tokenizer.encode(t).ids for t in TEXT_PROMPTS[: args.num_prompts]]
+        prompts = [tokenizer.encode(t, add_eos=False) for t in TEXT_PROMPTS[: args.num_prompts]]
     else:
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, vocab, (16,), generator=g).tolist() for _ in range(args.num_prompts)]
@@ -731,8 +714,6 @@ def main(argv=None) -> int:
     )
     p.add_argument("--checkpoint", help="HF-format model folder (--model checkpoint)")
     p.add_argument("--heads", help="folder with medusa_lm_head.safetensors if not next to the model")
-    p.add_argument("--builder", default="medusa_smollm2_135m", help="torchtune_medusa.models builder for --checkpoint")
-    p.add_argument("--model-type", default="LLAMA3", help="torchtune checkpointer model_type for --checkpoint")
     p.add_argument("--num-heads", type=int, default=4, help="heads to create when the checkpoint has none")
     p.add_argument(
         "--head-projection",

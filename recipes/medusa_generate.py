@@ -8,6 +8,7 @@ autoregressive baseline on the same model and cache code, and write the statisti
 
     tune run medusa_generate --config smollm2/135M_generate
     tune run medusa_generate --config smollm2/135M_generate prompts='["Write a haiku about rain."]'
+    tune run medusa_generate --config smollm2/135M_generate run_dir=./output/smollm2_135m_medusa
 """
 
 import json
@@ -23,49 +24,28 @@ from torch import nn
 from torchtune import config, training, utils
 from torchtune.data import Message
 
+from torchtune_medusa import load_medusa
 from torchtune_medusa._config import register_resolvers
 from torchtune_medusa._files import GENERATE_RESULTS_FILE, write_json
-from torchtune_medusa.generation import (
-    decode_compile,
-    decode_dtype,
-    decode_threads,
-    generate,
-    medusa_generate,
-    resolve_choices,
-    TREE_FILENAME,
-    validate_choices,
-)
+from torchtune_medusa.generation import decode_settings, generate, medusa_generate, resolve_choices
+from torchtune_medusa.generation._tree import validate_choices
 
 register_resolvers()
 logger = utils.get_logger("INFO")
 
 ACCEPTANCE_RULES = ("greedy", "typical")
 TREE_HELP = "a tree name (mc_sim_7b_63, chain<N>), a list of rank paths, or a tree .json saved by medusa_finetune"
+#: The tree when ``medusa_choices`` is null and no tree was saved with the heads.
+DEFAULT_TREE = "mc_sim_7b_63"
 
 
-def _read_tree_file(path: Path, medusa_choices: str) -> List[Any]:
-    """The ``medusa_choices`` of a tree JSON (``{"medusa_choices": [...], ...}``), with errors naming the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"medusa_choices={medusa_choices!r}: no such tree file {path}; give {TREE_HELP}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(
-            f"medusa_choices={medusa_choices!r}: the tree file {path} is not JSON ({e}); give {TREE_HELP}"
-        ) from None
-    if not isinstance(data, dict) or "medusa_choices" not in data:
-        raise ValueError(
-            f"medusa_choices={medusa_choices!r}: the tree file {path} has no 'medusa_choices' entry; give {TREE_HELP}"
-        )
-    return data["medusa_choices"]
-
-
-def load_tree(medusa_choices: Any, num_heads: Optional[int] = None) -> List[Tuple[int, ...]]:
-    """Read and check a tree (checked before the model loads).
+def choose_tree(medusa_choices: Any, num_heads: Optional[int] = None) -> List[Tuple[int, ...]]:
+    """The tree to decode with, checked (before the model loads when ``num_heads`` is not known yet).
 
     Args:
         medusa_choices (Any): a tree name (``mc_sim_7b_63``, ``chain4``), a list of rank paths, or the path of a tree
-            JSON (as saved with trained heads: ``{"medusa_choices": [...], ...}``) or of the folder holding it.
+            JSON (as saved with trained heads) or of the folder holding it; read with the library's
+            :func:`~torchtune_medusa.generation.resolve_choices` / :func:`~torchtune_medusa.generation.load_tree`.
         num_heads (Optional[int]): the model's Medusa heads, when known. A named tree deeper than the heads is cut
             to their depth (as ``medusa_generate``'s default tree is); a tree given as paths or a file must fit.
 
@@ -76,30 +56,24 @@ def load_tree(medusa_choices: Any, num_heads: Optional[int] = None) -> List[Tupl
         FileNotFoundError: a missing tree file.
         ValueError: an unknown name, a file that is not a tree JSON, or an invalid tree (the message names it).
     """
-    named = False
-    if isinstance(medusa_choices, str) and (medusa_choices.endswith(".json") or os.path.isdir(medusa_choices)):
-        path = Path(medusa_choices).expanduser()
-        paths = _read_tree_file(path / TREE_FILENAME if path.is_dir() else path, medusa_choices)
-    elif isinstance(medusa_choices, ListConfig):
-        paths = OmegaConf.to_container(medusa_choices)
-    else:
-        named = isinstance(medusa_choices, str)
-        try:
-            paths = resolve_choices(medusa_choices)
-        except ValueError as e:
-            raise ValueError(f"medusa_choices={medusa_choices!r}: {e}") from None
+    given = f"medusa_choices={medusa_choices!r}"
+    if isinstance(medusa_choices, ListConfig):
+        medusa_choices = OmegaConf.to_container(medusa_choices)
+    named = isinstance(medusa_choices, str) and not (medusa_choices.endswith(".json") or os.path.isdir(medusa_choices))
     try:
-        paths = validate_choices(paths)
+        paths = validate_choices(resolve_choices(medusa_choices))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{given}: {e}; give {TREE_HELP}") from None
     except ValueError as e:
-        raise ValueError(f"medusa_choices={medusa_choices!r}: {e}; give {TREE_HELP}") from None
+        raise ValueError(f"{given}: {e}{'' if named else f'; give {TREE_HELP}'}") from None
     if num_heads is None or all(len(p) <= num_heads for p in paths):
         return paths
     if named:
-        logger.info(f"medusa_choices={medusa_choices}: paths deeper than the model's {num_heads} heads left out")
+        logger.info(f"{given}: paths deeper than the model's {num_heads} heads left out")
         return [p for p in paths if len(p) <= num_heads]
     deepest = max(paths, key=len)
     raise ValueError(
-        f"medusa_choices={medusa_choices!r}: path {list(deepest)} has depth {len(deepest)} but the model has only "
+        f"{given}: path {list(deepest)} has depth {len(deepest)} but the model has only "
         f"{num_heads} Medusa heads (model.medusa_num_heads); give a tree calibrated for these heads, or a tree name "
         "(it is cut to the heads' depth)"
     )
@@ -172,40 +146,65 @@ class MedusaGenerateRecipe:
     """Prompt(s) in, text and decoding statistics out.
 
     Config keys besides torchtune's usual ``model``/``checkpointer``/``tokenizer``/``device``/``dtype``/``seed``:
+    ``run_dir`` (a ``medusa_finetune`` output dir or ``epoch_N`` folder, loaded with
+    :func:`~torchtune_medusa.load_medusa` instead of the ``model``/``checkpointer``/``tokenizer`` sections),
     ``prompts``, ``prompt_file``, ``max_prompts``, ``system_prompt``, ``chat`` (apply the chat template),
-    ``max_new_tokens``, ``medusa_choices``, ``acceptance`` (greedy | typical), ``temperature``,
-    ``posterior_threshold``, ``posterior_alpha``, ``compare_baseline``, ``output_dir`` (where
-    ``generate_results.json`` goes), and the decode settings ``threads`` and ``compile`` (``auto`` picks what the
-    README's measurements found fastest; ``dtype: auto`` is bf16 where the hardware computes it natively).
+    ``max_new_tokens``, ``medusa_choices`` (null: the tree saved with ``run_dir``'s heads, else ``mc_sim_7b_63``),
+    ``acceptance`` (greedy | typical), ``temperature``, ``posterior_threshold``, ``posterior_alpha``,
+    ``compare_baseline``, ``output_dir`` (where ``generate_results.json`` goes), and the decode settings
+    ``threads`` and ``compile`` (``auto`` picks what the README's measurements found fastest; ``dtype: auto`` is
+    bf16 where the hardware computes it natively).
     """
 
     def __init__(self, cfg: DictConfig) -> None:
         self._device = utils.get_device(device=cfg.device)
-        if cfg.get("dtype", "auto") == "auto":
-            self._dtype = decode_dtype("auto", self._device)
-        else:
-            self._dtype = training.get_dtype(dtype=cfg.dtype, device=self._device)
-        self._compile = decode_compile(cfg.get("compile", "auto"), self._device)
+        settings = decode_settings(self._device, threads=cfg.get("threads", "auto"), compile=cfg.get("compile", "auto"))
+        dtype = cfg.get("dtype", "auto")
+        self._dtype = settings.dtype if dtype == "auto" else training.get_dtype(dtype=dtype, device=self._device)
+        self._compile = settings.compile
         if self._device.type == "cpu":
-            torch.set_num_threads(decode_threads(cfg.get("threads", "auto")))
+            torch.set_num_threads(settings.threads)
         check_sampling(cfg)
         training.set_seed(seed=cfg.get("seed"))
 
     def setup(self, cfg: DictConfig) -> None:
-        """Check the tree and read and tokenize the prompts, then load the model."""
-        tree_cfg = cfg.get("medusa_choices", "mc_sim_7b_63")
-        num_heads = cfg.model.get("medusa_num_heads")
-        self._tree = load_tree(tree_cfg, num_heads)
-        self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._prompts = [(prompt, self.prompt_tokens(prompt, cfg)) for prompt in read_prompts(cfg)]
+        """Check the tree and the prompts, then load the model: from ``run_dir`` with
+        :func:`~torchtune_medusa.load_medusa`, else from the ``model``/``checkpointer``/``tokenizer`` sections (the
+        prompts are tokenized before the model loads)."""
+        run_dir = cfg.get("run_dir")
+        tree_cfg = cfg.get("medusa_choices")
+        if tree_cfg is None and not run_dir:
+            tree_cfg = DEFAULT_TREE
+        if tree_cfg is not None:  # the heads' depth is checked too when the config gives it
+            self._tree = choose_tree(tree_cfg, None if run_dir else cfg.model.get("medusa_num_heads"))
+        prompts = read_prompts(cfg)
+        if run_dir:
+            run = load_medusa(run_dir, device=self._device, dtype=self._dtype)
+            logger.info(f"loaded {run.checkpoint_dir} ({run.model.num_medusa_heads} Medusa heads)")
+            if run.tokenizer is None:
+                raise ValueError(f"run_dir={run_dir!r}: no tokenizer in {run.checkpoint_dir}")
+            self._model, self._tokenizer = run.model, run.tokenizer
+            self._prompts = [(prompt, self.prompt_tokens(prompt, cfg)) for prompt in prompts]
+            if tree_cfg is None and run.medusa_choices is not None:
+                logger.info(f"medusa_choices: the tree saved with the heads ({len(run.medusa_choices)} nodes)")
+                self._tree = run.medusa_choices
+                return
+            tree_cfg = DEFAULT_TREE if tree_cfg is None else tree_cfg
+        else:
+            self._tokenizer = config.instantiate(cfg.tokenizer)
+            self._prompts = [(prompt, self.prompt_tokens(prompt, cfg)) for prompt in prompts]
+            self._model = self.load_model_from_config(cfg)
+        # checked again now that the heads are known: a named tree is cut to their depth
+        self._tree = choose_tree(tree_cfg, self._model.num_medusa_heads)
+
+    def load_model_from_config(self, cfg: DictConfig) -> nn.Module:
+        """The ``model`` section built in the decode dtype, with the ``checkpointer``'s weights, in eval mode."""
         checkpointer = config.instantiate(cfg.checkpointer)
         state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
         with training.set_default_dtype(self._dtype), self._device:
-            self._model: nn.Module = config.instantiate(cfg.model)
-        self._model.load_state_dict(state_dict)
-        self._model.eval()
-        if num_heads is None:  # the builder's default: known now
-            self._tree = load_tree(tree_cfg, self._model.num_medusa_heads)
+            model: nn.Module = config.instantiate(cfg.model)
+        model.load_state_dict(state_dict)
+        return model.eval()
 
     def prompt_tokens(self, prompt: str, cfg: DictConfig) -> List[int]:
         if not cfg.get("chat", True):
@@ -285,6 +284,7 @@ class MedusaGenerateRecipe:
         taus = [r["medusa"]["mean_accepted"] for r in results if "error" not in r]
         return {
             "config": OmegaConf.to_container(cfg, resolve=True),
+            "medusa_choices": [list(p) for p in self._tree],
             "results": results,
             "failed": sum("error" in r for r in results),
             "mean_tau": sum(taus) / len(taus) if taus else None,

@@ -84,6 +84,42 @@ def write_tiny_hf_checkpoint(folder, *, seed: int = 0):
         "vocab_size": a["vocab_size"],
         "tie_word_embeddings": True,
         "rope_theta": 10000.0,
+        "max_position_embeddings": a["max_seq_len"],
+        "rms_norm_eps": 1e-5,
     }
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def tiny_chat_medusa(*, num_heads: int = 3, projection: str = "own", seed: int = 0) -> MedusaTransformerDecoder:
+    """The Medusa model of a tiny run (``TINY_CHAT_ARGS``; the base of :func:`write_tiny_hf_checkpoint` for the same
+    ``seed``) with random, non-zero heads, in eval mode."""
+    from torchtune_medusa.models import medusa_smollm2
+
+    torch.manual_seed(seed)
+    base = smollm2(**TINY_CHAT_ARGS, rope_base=10_000)
+    model = medusa_smollm2(**TINY_CHAT_ARGS, rope_base=10_000, medusa_num_heads=num_heads, medusa_projection=projection)
+    model.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        for name, p in model.medusa_heads.named_parameters():
+            p.normal_(0, 0.2 if "linear" in name else 0.5)
+    return model.eval()
+
+
+def write_tiny_run(run_dir, *, epochs=(0,), num_heads: int = 3, projection: str = "own", tree=((0,), (0, 0))):
+    """A ``medusa_finetune`` output dir as the recipe leaves it, without training: ``run_dir/epoch_N/`` for each N
+    in ``epochs`` holds the tiny HF checkpoint, heads (``medusa_lm_head.safetensors`` + ``medusa_config.json``) of
+    :func:`tiny_chat_medusa` with seed N, and ``tree`` as ``medusa_choices.json`` (none when ``tree`` is None).
+    Returns ``run_dir``."""
+    from pathlib import Path
+
+    from torchtune_medusa.generation import save_tree
+    from torchtune_medusa.models import export_heads
+
+    run_dir = Path(run_dir)
+    for epoch in epochs:
+        folder = write_tiny_hf_checkpoint(run_dir / f"epoch_{epoch}", seed=epoch)
+        export_heads(tiny_chat_medusa(num_heads=num_heads, projection=projection, seed=epoch), folder)
+        if tree is not None:
+            save_tree(folder, tree)
+    return run_dir

@@ -148,24 +148,22 @@ def test_sharegpt_cleaning_rules():
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_assets, tmp_path_factory):
-    """(model, tokenizers.Tokenizer, tokenizer_config) loaded through torchtune's HF checkpointer."""
+def smollm2(smollm2_assets):
+    """(model, tokenizers.Tokenizer, tokenizer_config), the model loaded through torchtune's HF checkpointer (the
+    library's load_hf_base) and checked to be the ``smollm2_135m`` preset."""
     import torch
     from tokenizers import Tokenizer
-    from torchtune.training import FullModelHFCheckpointer
 
+    from torchtune_medusa._load import load_hf_base
     from torchtune_medusa.models import smollm2_135m
 
     d = smollm2_assets.smollm2_dir
-    ckpt = FullModelHFCheckpointer(
-        checkpoint_dir=str(d),
-        checkpoint_files=["model.safetensors"],
-        model_type="LLAMA3",
-        output_dir=str(tmp_path_factory.mktemp("ckpt_out")),
-    )
-    model = smollm2_135m()
-    model.load_state_dict(ckpt.load_checkpoint()["model"], strict=True)
-    model.eval()
+    model = load_hf_base(d)
+    preset = smollm2_135m()
+    preset.load_state_dict(model.state_dict(), strict=True)  # the same modules, the same weight names and shapes
+    tokens = torch.tensor([[1, 9690, 198, 2683, 314, 253]])
+    with torch.no_grad():
+        assert torch.equal(model(tokens), preset.eval()(tokens))  # rope base, norm eps, tied output: as the preset
     torch.manual_seed(0)
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
     return model, tok, json.loads((d / "tokenizer_config.json").read_text())

@@ -124,16 +124,21 @@ def test_chat_prompts_match_self_distillation(bench, smollm2_assets):
         bench.chat_prompts(smollm2_assets.smollm2_dir, smollm2_assets.sharegpt_heldout, 10**6)
 
 
-def test_final_epoch_of_a_training_run(bench, tmp_path):
-    for n in (0, 2, 10):
-        (tmp_path / f"epoch_{n}").mkdir()
-        (tmp_path / f"epoch_{n}" / "model.safetensors").write_bytes(b"")
-    assert bench._final_epoch(tmp_path) == tmp_path / "epoch_10"
-    assert bench._final_epoch(tmp_path / "epoch_2") == tmp_path / "epoch_2"
-    with pytest.raises(SystemExit, match="epoch_N"):
-        bench._final_epoch((tmp_path / "logs").mkdir() or tmp_path / "logs")
-    with pytest.raises(SystemExit, match="no such directory"):
-        bench._final_epoch(tmp_path / "missing")
+def test_checkpoint_is_a_training_run_loaded_with_load_medusa(bench, tmp_path):
+    """``--checkpoint RUN``: the latest epoch_N's model and heads (torchtune_medusa.load_medusa) and its tree, as
+    'trained'; a missing run is named."""
+    from tests.common import write_tiny_run
+
+    run = write_tiny_run(tmp_path / "run", epochs=[0, 3], tree=[(0,), (1,), (0, 0)])
+    argv = ["--model", "checkpoint", "--checkpoint", str(run), "--num-prompts", "1", "--max-new-tokens", "6"]
+    argv += ["--repeats", "1", "--step-sizes", "1,2", "--context-len", "8", "--cost-repeats", "1", "--threads", "1"]
+    argv += ["--trees", "trained", "--max-nodes", "2", "--dtype", "float32", "--compile", "off"]
+    assert bench.main([*argv, "--out", str(tmp_path / "bench")]) == 0
+    res = json.loads((tmp_path / "bench" / "bench_decode.json").read_text())
+    assert res["trees"]["trained"]["greedy_output_equals_baseline"] is True
+    assert res["trees"]["trained"]["tree_tokens"] == 4  # the saved tree: 3 nodes and the root
+    with pytest.raises(SystemExit, match="--checkpoint .*missing: no such directory"):
+        bench.main([*argv[:3], str(tmp_path / "missing"), *argv[4:], "--out", str(tmp_path / "bench")])
 
 
 def test_a_lossy_tree_fails_the_benchmark(bench, tmp_path, monkeypatch, capsys):
@@ -211,7 +216,8 @@ def test_a_tree_file_that_is_not_json_is_named(bench, no_heavy_work, capsys, tmp
     with pytest.raises(SystemExit):
         bench.main(["--model", "tiny", "--medusa-choices", str(tree), "--out", str(tmp_path)])
     err = capsys.readouterr().err
-    assert f"--medusa-choices {tree}: not a readable tree file (JSONDecodeError" in err and "medusa_finetune" in err
+    assert f"--medusa-choices {tree}: not a readable tree file (ValueError: the tree file {tree} is not JSON" in err
+    assert "medusa_finetune" in err
 
 
 def test_trees_the_model_lacks_fail_before_the_baseline(bench, monkeypatch, tmp_path):

@@ -11,18 +11,16 @@ import torch
 from test_generate import _prompts, train_tiny_heads
 
 from torchtune_medusa.generation import (
-    build_tree_buffers,
     calibrate_tree,
-    chain,
-    expected_tokens_per_step,
     generate,
-    grow_tree,
     load_tree,
     measure_head_accuracies,
     measure_step_cost,
     medusa_generate,
     save_tree,
 )
+from torchtune_medusa.generation._calibration import expected_tokens_per_step
+from torchtune_medusa.generation._tree import build_tree_buffers, chain, grow_tree
 
 ACC = [[0.6, 0.2, 0.1, 0.05], [0.4, 0.15, 0.1, 0.05], [0.3, 0.1, 0.05, 0.02]]
 

@@ -13,16 +13,10 @@ import torch
 from common import TINY, tiny_medusa
 from torchtune.models.llama3_1 import llama3_1
 
-from torchtune_medusa.generation import (
-    chain,
-    generate,
-    kv_caches,
-    medusa_generate,
-    scoped_kv_cache,
-    topk_per_head_tree,
-    typical_node_mask,
-    typical_threshold,
-)
+from torchtune_medusa.generation import generate, medusa_generate
+from torchtune_medusa.generation._kv import kv_caches, scoped_kv_cache
+from torchtune_medusa.generation._sampling import typical_node_mask, typical_threshold
+from torchtune_medusa.generation._tree import chain, topk_per_head_tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -316,28 +310,17 @@ def test_exact_match_sampling_is_reproducible(trained_model):
 
 
 @pytest.mark.slow
-def test_medusa_greedy_equals_baseline_smollm2(tmp_path):
+def test_medusa_greedy_equals_baseline_smollm2():
     """The real SmolLM2-135M-Instruct (offline asset), with freshly initialised heads and with perturbed heads."""
-    from torchtune import training
-
     from torchtune_medusa import assets
-    from torchtune_medusa.models import medusa_smollm2_135m
-    from torchtune_medusa.training import MedusaHFCheckpointer
+    from torchtune_medusa._load import load_hf_medusa
 
     try:
         a = assets.prepare(install_missing=False, verbose=False)
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"SmolLM2 asset unavailable: {e}")
-    ckpt = MedusaHFCheckpointer(
-        checkpoint_dir=str(a.smollm2_dir),
-        checkpoint_files=["model.safetensors"],
-        model_type="LLAMA3",
-        output_dir=str(tmp_path),
-        medusa_num_heads=4,
-    )
-    model = medusa_smollm2_135m(medusa_num_heads=4)
-    model.load_state_dict(ckpt.load_checkpoint()[training.MODEL_KEY])
-    model.eval()
+    model, heads_source = load_hf_medusa(a.smollm2_dir, medusa_num_heads=4)
+    assert heads_source is None  # freshly initialised, as the checkpointer initialises them
     prompts = [[1, 9690, 198, 2683, 314, 253], [504, 2821, 282, 4544, 314]]
     for perturb in (False, True):
         if perturb:

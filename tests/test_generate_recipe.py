@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.common import TINY_CHAT_ARGS, write_tiny_hf_checkpoint
-from torchtune_medusa.generation import MC_SIM_7B_63
+from tests.common import TINY_CHAT_ARGS, write_tiny_hf_checkpoint, write_tiny_run
+from torchtune_medusa.generation._tree import MC_SIM_7B_63
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).parent / "tune")
@@ -96,12 +96,42 @@ def test_shipped_config_runs_as_shipped(hf_dir, tmp_path):
     result = tune_run_generate(hf_dir, out, "prompts=[hello world]", tree=None)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "generate_results.json").read_text())
-    assert report["config"]["medusa_choices"] == "mc_sim_7b_63"
+    assert report["config"]["medusa_choices"] is None and report["config"]["run_dir"] is None
     assert report["results"][0]["same_tokens_as_baseline"] is True
-    # cut to the heads' depth, like medusa_generate's own default
-    mc = recipe_mod.load_tree("mc_sim_7b_63", num_heads=3)
+    # no run_dir, no tree given: mc_sim_7b_63 cut to the heads' depth, like medusa_generate's own default
+    mc = recipe_mod.choose_tree("mc_sim_7b_63", num_heads=3)
     assert max(map(len, mc)) == 3 and set(mc) == {tuple(p) for p in MC_SIM_7B_63 if len(p) <= 3}
-    assert recipe_mod.load_tree("chain5", num_heads=3) == [(0,), (0, 0), (0, 0, 0)]
+    assert report["medusa_choices"] == [list(p) for p in mc]
+    assert recipe_mod.choose_tree("chain5", num_heads=3) == [(0,), (0, 0), (0, 0, 0)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run dir with epoch_0 and epoch_2 (trees differ), as medusa_finetune leaves it."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    write_tiny_run(root, epochs=[0], tree=[(0,)])
+    return write_tiny_run(root, epochs=[2], tree=[(0,), (1,), (0, 0)])
+
+
+def test_run_dir_loads_the_latest_epoch_with_its_tree(tiny_run, tmp_path):
+    """Issue 15.1: the command takes the run dir; the latest epoch's heads, tokenizer and tree are used."""
+    out = tmp_path / "out"
+    cfg = recipe_cfg(tiny_run, out, f"run_dir={tiny_run}", "prompts=[hello world]", "checkpointer.checkpoint_dir=/nope",
+                     "tokenizer.path=/nope", tree=None)  # fmt: skip
+    assert run_recipe(cfg) == 0
+    report = json.loads((out / "generate_results.json").read_text())
+    assert report["medusa_choices"] == [[0], [1], [0, 0]]  # epoch_2's saved tree, not epoch_0's
+    row = report["results"][0]
+    assert row["same_tokens_as_baseline"] is True and row["medusa"]["new_tokens"] == 12
+    # an explicit tree wins over the saved one, and is checked against the run's heads
+    cfg = recipe_cfg(tiny_run, out, f"run_dir={tiny_run}", "prompts=[hello world]", tree="chain2")
+    assert run_recipe(cfg) == 0
+    assert json.loads((out / "generate_results.json").read_text())["medusa_choices"] == [[0], [0, 0]]
+    cfg = recipe_cfg(tiny_run, out, f"run_dir={tiny_run}", "medusa_choices=[[0],[0,0],[0,0,0],[0,0,0,0]]", tree=None)
+    with pytest.raises(ValueError, match="has depth 4 but the model has only 3 Medusa heads"):
+        run_recipe(cfg)
+    with pytest.raises(FileNotFoundError, match="neither model weights nor epoch_N folders"):
+        run_recipe(recipe_cfg(tiny_run, out, f"run_dir={tmp_path}", tree=None))
 
 
 def _bad_tree_file(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from common import tiny_medusa
 
-from torchtune_medusa.generation import build_tree_buffers, evict_to_path, kv_caches, scoped_kv_cache
+from torchtune_medusa.generation._kv import evict_to_path, kv_caches, scoped_kv_cache
+from torchtune_medusa.generation._tree import build_tree_buffers
 
 TREE = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0)]
 

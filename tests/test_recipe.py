@@ -246,6 +246,27 @@ def test_stage_switch_at_configured_step(medusa2_run):
     assert stages == {1: 0.0, 2: 0.0, 3: 0.0, 4: 1.0, 5: 1.0, 6: 1.0}, stages
 
 
+def test_load_medusa_reads_what_training_wrote(medusa1_run, medusa2_run):
+    """Issue 15.1: ``load_medusa`` on the runs' output dirs (Medusa-1: frozen base + heads in epoch_1; Medusa-2: the
+    LoRA-merged base shards next to the adapter) gives the model that training ended with."""
+    from torchtune_medusa import load_medusa
+
+    tokens = torch.arange(5, 30).unsqueeze(0)
+    for out, recipe in (medusa1_run, medusa2_run[:2]):
+        run = load_medusa(out)
+        assert run.checkpoint_dir == out / f"epoch_{recipe.epochs_run - 1}"
+        model, return_hidden, training = recipe._model, recipe._model.return_hidden, recipe._model.training
+        model.set_return_hidden(False)  # the recipe's loss projects the hidden states itself
+        try:
+            with torch.no_grad():
+                loaded, trained = run.model(tokens), model.eval()(tokens)
+        finally:
+            model.set_return_hidden(return_hidden)
+            model.train(training)
+        torch.testing.assert_close(loaded.logits, trained.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loaded.medusa_logits, trained.medusa_logits, atol=1e-5, rtol=1e-5)
+
+
 def _run_killed_and_resumed(assets, tmp_path, kill_after_steps, **kw):
     """Run `kill_after_steps` steps (saving then stopping, as a kill would), then resume to the end."""
     out = tmp_path / "resumed"
@@ -367,7 +388,7 @@ def test_validation_calibrates_tree_on_measured_step_cost(assets, tmp_path):
 def test_validation_tau_is_one_when_heads_always_miss(assets):
     """Heads forced to always propose a token the base model never picks: real decoding accepts nothing."""
     from torchtune_medusa.models import medusa_smollm2
-    from torchtune_medusa.training._validation import evaluate_decoding
+    from torchtune_medusa.training import evaluate_decoding
 
     torch.manual_seed(0)
     model = medusa_smollm2(**TINY_ARGS, rope_base=10_000, medusa_num_heads=3).eval()

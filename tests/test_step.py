@@ -18,17 +18,21 @@ from torchtune_medusa.generation import (
     _calibration,
     _generate,
     _step,
-    build_tree_buffers,
     calibrate_tree,
-    frequent_tokens,
     generate,
-    kv_caches,
     measure_step_cost,
     medusa_generate,
-    scoped_kv_cache,
-    topk_per_head_tree,
 )
-from torchtune_medusa.generation._step import Acceptance, decoding_scope, start_decoding, step_functions, tree_step
+from torchtune_medusa.generation._kv import kv_caches, scoped_kv_cache
+from torchtune_medusa.generation._step import (
+    Acceptance,
+    decoding_scope,
+    frequent_tokens,
+    start_decoding,
+    step_functions,
+    tree_step,
+)
+from torchtune_medusa.generation._tree import build_tree_buffers, topk_per_head_tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

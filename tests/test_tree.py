@@ -7,11 +7,11 @@
 import pytest
 import torch
 
-from torchtune_medusa.generation import (
+from torchtune_medusa.generation._sampling import select_path
+from torchtune_medusa.generation._tree import (
     build_tree_buffers,
     chain,
     MC_SIM_7B_63,
-    select_path,
     topk_per_head_tree,
     tree_stats,
     validate_choices,

@@ -13,33 +13,17 @@ Example (the offline assets by default; rerun the same command to resume)::
 import argparse
 import json
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from typing import List, Optional
 
 import torch
 
+from torchtune_medusa._load import load_hf_base
 from torchtune_medusa.data._self_distill import check_output_file, self_distill
 from torchtune_medusa.data._tokenizer import smollm2_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def load_smollm2(model_dir: str, *, device: str = "cpu", dtype: str = "fp32") -> torch.nn.Module:
-    """SmolLM2-135M from an HF-format directory (``model.safetensors``) via torchtune's checkpointer, in eval mode."""
-    from torchtune.training import FullModelHFCheckpointer
-
-    from torchtune_medusa.models import smollm2_135m
-
-    with tempfile.TemporaryDirectory() as out:  # the checkpointer wants an output dir; loading writes nothing
-        checkpointer = FullModelHFCheckpointer(
-            checkpoint_dir=model_dir, checkpoint_files=["model.safetensors"], model_type="LLAMA3", output_dir=out
-        )
-        state_dict = checkpointer.load_checkpoint()["model"]
-    model = smollm2_135m()
-    model.load_state_dict(state_dict)
-    return model.to(device=device, dtype=DTYPES[dtype]).eval()
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -90,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     tokenizer = smollm2_tokenizer(args.model_dir, system_prompt=args.system_prompt)
     t0 = time.perf_counter()
-    model = load_smollm2(args.model_dir, device=args.device, dtype=args.dtype)
+    model = load_hf_base(args.model_dir, device=args.device, dtype=DTYPES[args.dtype])
     print(f"[self_distill] loaded {args.model_dir} in {time.perf_counter() - t0:.1f} s")
     try:
         stats = self_distill(

@@ -21,19 +21,15 @@ only counts nodes (a fixed 63) and hard-codes its data size; here both the accur
 cost curve are measured.
 """
 
-import json
 import logging
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from torchtune_medusa._files import MEDUSA_CHOICES_FILE, write_json
 from torchtune_medusa.generation._kv import kv_caches
 from torchtune_medusa.generation._step import (
     Acceptance,
@@ -45,13 +41,10 @@ from torchtune_medusa.generation._step import (
     sync,
     tree_step,
 )
-from torchtune_medusa.generation._tree import build_tree_buffers, grow_tree
+from torchtune_medusa.generation._tree import build_tree_buffers, grow_tree, TREE_FORMAT
 from torchtune_medusa.generation._tree import Path as RankPath
 
 log = logging.getLogger(__name__)
-
-TREE_FILENAME = MEDUSA_CHOICES_FILE
-TREE_FORMAT = "torchtune_medusa.tree/1"
 
 
 @torch.inference_mode()
@@ -354,35 +347,3 @@ def calibrate_tree(
         sizes=sizes,
         meta=dict(meta or {}),
     )
-
-
-def save_tree(path: Union[str, os.PathLike], tree: Union[CalibratedTree, Sequence[Sequence[int]]], **meta) -> Path:
-    """Write a tree as JSON. A directory means ``<dir>/medusa_choices.json`` (next to the heads' checkpoint).
-
-    Returns:
-        Path: the file written.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / TREE_FILENAME
-    if isinstance(tree, CalibratedTree):
-        data = tree.to_dict()
-        data["meta"].update(meta)
-    else:
-        data = {"format": TREE_FORMAT, "medusa_choices": [list(map(int, p)) for p in tree], "meta": meta}
-    return write_json(path, data, indent=1)
-
-
-def load_tree(path: Union[str, os.PathLike]) -> Tuple[List[RankPath], Dict[str, object]]:
-    """Read a tree written by :func:`save_tree` (a file or a directory holding ``medusa_choices.json``).
-
-    Returns:
-        Tuple[List[Tuple[int, ...]], Dict[str, object]]: the validated, sorted rank paths and the whole JSON record.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / TREE_FILENAME
-    data = json.loads(path.read_text())
-    if "medusa_choices" not in data:
-        raise ValueError(f"{path} has no 'medusa_choices' entry")
-    return build_tree_buffers(data["medusa_choices"], topk=1 << 30).choices, data

@@ -291,6 +291,16 @@ def medusa_generate(
     to the root alone (plain decoding), and when not even one more token fits, decoding stops with
     ``stop_reason == "cache_full"`` and a warning; the cache is never written past its end.
 
+    Example:
+        >>> from torchtune.data import Message
+        >>> from torchtune_medusa import load_medusa
+        >>> from torchtune_medusa.generation import generate, medusa_generate
+        >>> run = load_medusa("output/smollm2_135m_medusa")  # a medusa_finetune output_dir: its latest epoch_N
+        >>> prompt = run.tokenizer.prompt_tokens([Message("user", "What is the capital of France?")])
+        >>> out = medusa_generate(run.model, [prompt], medusa_choices=run.medusa_choices, max_new_tokens=64)
+        >>> print(run.tokenizer.decode(out.tokens[0]), out.stats.mean_accepted)
+        >>> assert out.tokens == generate(run.model, [prompt], max_new_tokens=64).tokens  # greedy: lossless
+
     Args:
         model (nn.Module): a :class:`~torchtune_medusa.modules.MedusaTransformerDecoder` in eval mode.
         prompts (List[List[int]]): token ids, one list per prompt.

@@ -18,6 +18,7 @@
 """
 
 import os
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -85,3 +86,52 @@ def decode_compile(compile: Union[bool, str] = "auto", device: Union[str, torch.
     if isinstance(compile, str) and compile.lower() in words:
         return words[compile.lower()]
     raise ValueError(f"compile={compile!r}: pass auto, on or off")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Resolved decode settings (what :func:`decode_settings` returns).
+
+    Attributes:
+        dtype (torch.dtype): the model's dtype for decoding.
+        threads (int): torch CPU threads (ignored by the caller on GPUs).
+        compile (bool): whether to ``torch.compile`` the decoding step.
+    """
+
+    dtype: torch.dtype
+    threads: int
+    compile: bool
+
+
+def decode_settings(
+    device: Union[str, torch.device] = "cpu",
+    *,
+    dtype: str = "auto",
+    threads: Union[int, str] = "auto",
+    compile: Union[bool, str] = "auto",
+) -> DecodeSettings:
+    """Resolve ``"auto"`` (and explicit) decode settings for ``device``, as the generate recipe does.
+
+    Example:
+        >>> settings = decode_settings("cpu", compile="off")
+        >>> torch.set_num_threads(settings.threads)
+        >>> out = medusa_generate(model.to(settings.dtype), prompts, compile=settings.compile)
+
+    Args:
+        device (Union[str, torch.device]): the device decoding runs on. Default ``"cpu"``.
+        dtype (str): ``"auto"``, ``"fp32"``/``"float32"`` or ``"bf16"``/``"bfloat16"``. Default ``"auto"``.
+        threads (Union[int, str]): ``"auto"`` or a positive count. Default ``"auto"``.
+        compile (Union[bool, str]): ``"auto"``, a bool, ``"on"`` or ``"off"``. Default ``"auto"``.
+
+    Returns:
+        DecodeSettings: the resolved dtype, thread count and compile flag (see the module docstring for why
+        ``"auto"`` picks what it picks).
+
+    Raises:
+        ValueError: a value the settings do not accept (the message names it).
+    """
+    return DecodeSettings(
+        dtype=decode_dtype(dtype, device),
+        threads=decode_threads(threads),
+        compile=decode_compile(compile, device),
+    )

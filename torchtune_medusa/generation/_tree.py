@@ -12,12 +12,16 @@ Node ``i > 0`` is the i-th path after sorting by ``(len, path)``; it sits at dep
 """
 
 import heapq
+import json
 import operator
 import os
+import pathlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+from torchtune_medusa._files import MEDUSA_CHOICES_FILE, write_json
 
 Path = Tuple[int, ...]
 
@@ -77,6 +81,11 @@ WELL_KNOWN_TREES: Dict[str, List[Path]] = {
 
 DEFAULT_TOPK = 10
 
+#: The tree saved next to trained heads (``epoch_N/medusa_choices.json``).
+TREE_FILENAME = MEDUSA_CHOICES_FILE
+#: The ``format`` entry of a saved tree.
+TREE_FORMAT = "torchtune_medusa.tree/1"
+
 
 def chain(depth: int) -> List[Path]:
     """The top-1 chain ``[(0,), (0, 0), ...]`` of ``depth`` nodes (what vLLM and TGI speculate)."""
@@ -111,8 +120,6 @@ def resolve_choices(medusa_choices) -> List[Path]:
         if name.startswith("chain") and name[5:].isdigit():
             return chain(int(name[5:]))
         if name.endswith(".json") or os.path.isdir(name):
-            from torchtune_medusa.generation._calibration import load_tree
-
             return load_tree(name)[0]
         raise ValueError(
             f"unknown tree name {name!r}; known: {sorted(WELL_KNOWN_TREES)}, 'chain<N>', or a saved tree's .json path"
@@ -301,3 +308,59 @@ def grow_tree(accuracies: Sequence[Sequence[float]], num_nodes: int) -> List[Tup
             for r, a in enumerate(accuracies[len(path)]):
                 heapq.heappush(heap, (neg * float(a), path + (r,)))
     return out
+
+
+def save_tree(path: Union[str, os.PathLike], tree: Union[Any, Sequence[Sequence[int]]], **meta) -> pathlib.Path:
+    """Write a tree as JSON. A directory means ``<dir>/medusa_choices.json`` (next to the heads' checkpoint).
+
+    Args:
+        path (Union[str, os.PathLike]): the file, or the directory to write ``medusa_choices.json`` into.
+        tree (Union[CalibratedTree, Sequence[Sequence[int]]]): rank paths, or a
+            :class:`~torchtune_medusa.generation.CalibratedTree` (anything with ``to_dict()``), whose whole record
+            (accuracies, step costs, size sweep) is kept.
+        **meta: free-form entries stored under ``meta``.
+
+    Returns:
+        pathlib.Path: the file written.
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        path = path / TREE_FILENAME
+    if hasattr(tree, "to_dict"):
+        data = tree.to_dict()
+        data["meta"].update(meta)
+    else:
+        data = {"format": TREE_FORMAT, "medusa_choices": [list(map(int, p)) for p in tree], "meta": meta}
+    return write_json(path, data, indent=1)
+
+
+def load_tree(path: Union[str, os.PathLike]) -> Tuple[List[Path], Dict[str, Any]]:
+    """Read a tree written by :func:`save_tree` (a file or a directory holding ``medusa_choices.json``).
+
+    Args:
+        path (Union[str, os.PathLike]): the file, or the directory holding ``medusa_choices.json``.
+
+    Returns:
+        Tuple[List[Tuple[int, ...]], Dict[str, Any]]: the validated, sorted rank paths and the whole JSON record.
+
+    Raises:
+        FileNotFoundError: no such tree file.
+        ValueError: a file that is not JSON, has no ``medusa_choices`` entry, or holds an invalid tree (the message
+            names the file).
+    """
+    path = pathlib.Path(path).expanduser()
+    if path.is_dir():
+        path = path / TREE_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no such tree file {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"the tree file {path} is not JSON ({e})") from None
+    if not isinstance(data, dict) or "medusa_choices" not in data:
+        raise ValueError(f"the tree file {path} has no 'medusa_choices' entry")
+    try:
+        tree = build_tree_buffers(data["medusa_choices"], topk=1 << 30).choices
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the tree file {path} holds an invalid tree: {e}") from None
+    return tree, data

@@ -17,7 +17,7 @@ Two measurements, both on held-out data:
    per step, bonus token included) and per-head acceptance.
 
 :func:`tree_of_size` turns the agreement table into the best prefix-closed tree of a given size
-(:func:`torchtune_medusa.generation.grow_tree`).
+(:func:`torchtune_medusa.generation._tree.grow_tree`).
 """
 
 import copy
@@ -29,9 +29,10 @@ import torch.distributed as dist
 from torch import nn
 from torchtune import utils
 
-from torchtune_medusa.generation import grow_tree, medusa_generate
+from torchtune_medusa.generation import medusa_generate
 from torchtune_medusa.generation._calibration import calibrate_tree, measure_step_cost
 from torchtune_medusa.generation._settings import decode_dtype, decode_threads
+from torchtune_medusa.generation._tree import grow_tree
 from torchtune_medusa.modules.medusa_heads import to_head_vocab, token_map_index
 
 __all__ = [

@@ -237,7 +237,7 @@ def test_cli_on_smollm2(smollm2_assets, tmp_path, capsys, keep_threads):
     out = tmp_path / "sd.jsonl"
     argv = ["--output", str(out), "--model-dir", str(smollm2_assets.smollm2_dir), "--data",
             str(smollm2_assets.sharegpt_heldout), "--limit", "3", "--batch-size", "2", "--max-new-tokens", "4",
-            "--threads", "1"]  # fmt: skip
+            "--threads", "1", "--dtype", "fp32"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     stats = json.loads(printed[printed.index("{") :])
@@ -249,3 +249,22 @@ def test_cli_on_smollm2(smollm2_assets, tmp_path, capsys, keep_threads):
     assert len(out.read_text().splitlines()) == 3
     ds = medusa_chat_dataset(smollm2_tokenizer(str(smollm2_assets.smollm2_dir)), data_files=str(out))
     assert len(ds) == 3
+
+
+def test_shards_together_write_what_one_process_writes(model, tok, prompts_file, tmp_path):
+    whole = tmp_path / "whole.jsonl"
+    run(model, tok, prompts_file, whole, batch_size=2)
+    shards = [tmp_path / f"shard{i}.jsonl" for i in range(3)]
+    for i, out in enumerate(shards):
+        run(model, tok, prompts_file, out, batch_size=2, shard=(i, 3))
+    by_id = lambda lines: {r["id"]: r["conversations"] for r in map(json.loads, lines)}  # noqa: E731
+    sharded = {}
+    for out in shards:
+        sharded.update(by_id(out.read_text().splitlines()))
+    assert sharded == by_id(whole.read_text().splitlines()) and len(sharded) == 8
+    assert all(len(out.read_text().splitlines()) < 8 for out in shards)
+    # a shard resumes only as the same shard
+    with pytest.raises(ValueError, match="shard"):
+        run(model, tok, prompts_file, shards[0], batch_size=2, shard=(1, 3))
+    with pytest.raises(ValueError, match="shard must be"):
+        run(model, tok, prompts_file, tmp_path / "bad.jsonl", shard=(3, 3))

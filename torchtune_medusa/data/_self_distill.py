@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from torch import nn
 from torchtune.data import Message
@@ -52,7 +52,10 @@ RESUME_KEYS = (
     "multi_turn",
     "batch_size",
     "max_prompt_len",
+    "shard",
 )
+# Values of resume keys that older files do not record.
+RESUME_DEFAULTS = {"shard": "0/1"}
 
 
 @dataclass
@@ -213,7 +216,8 @@ def read_done(path: Path, settings: Dict[str, Any]) -> Set[str]:
                 break
             raise _not_a_record(path, i + 1)
         meta = record[META_KEY]
-        mismatch = {k: (meta.get(k), settings[k]) for k in RESUME_KEYS if meta.get(k) != settings[k]}
+        recorded = {k: meta.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
+        mismatch = {k: (recorded[k], settings[k]) for k in RESUME_KEYS if recorded[k] != settings[k]}
         if mismatch:
             raise ValueError(
                 f"self_distill: {path} was written with other settings {mismatch} (file, now); "
@@ -274,6 +278,7 @@ def self_distill(
     on_batch: Optional[Callable[[int, int], None]] = None,
     progress: bool = True,
     compile: bool = False,
+    shard: Tuple[int, int] = (0, 1),
     **prompt_kwargs: Any,
 ) -> SelfDistillStats:
     """Generate the model's replies to the prompts of ``data_files`` into ``output_file`` (ShareGPT JSONL).
@@ -307,6 +312,9 @@ def self_distill(
         progress (bool): show a tqdm bar. Default True.
         compile (bool): decode with the compiled step (:func:`~torchtune_medusa.generation.generate`'s
             ``compile``): one graph per batch size and cache size, compiled on first use. Default False.
+        shard (Tuple[int, int]): ``(i, n)``: do only every n-th batch of the plan, starting at batch i, so that n
+            processes (one thread each, say) share the work; each writes its own file, and the n files together
+            hold what one process would have written. Default ``(0, 1)``: everything.
         **prompt_kwargs: passed to :func:`load_prompts` (``conversation_column``, ``id_column``, ...).
 
     Returns:
@@ -324,6 +332,9 @@ def self_distill(
             raise ValueError(f"self_distill: {name} must be an int >= {low}, got {value!r}")
     if temperature < 0:
         raise ValueError(f"self_distill: temperature must be >= 0, got {temperature!r}")
+    index, num_shards = shard
+    if not (isinstance(num_shards, int) and isinstance(index, int) and 0 <= index < num_shards):
+        raise ValueError(f"self_distill: shard must be (i, n) with 0 <= i < n, got {shard!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"self_distill: limit must be an int >= 1 (or None for every conversation), got {limit!r}")
     output_file = Path(output_file)
@@ -336,6 +347,7 @@ def self_distill(
         multi_turn=multi_turn,
         batch_size=batch_size,
         max_prompt_len=max_prompt_len,
+        shard=f"{index}/{num_shards}",
     )
     stats = SelfDistillStats()
     skipped: Counter = Counter()
@@ -357,7 +369,8 @@ def self_distill(
         else:
             kept.append(p)
     kept.sort(key=lambda p: p.length)  # stable: ties keep file order
-    plan = [kept[i : i + batch_size] for i in range(0, len(kept), batch_size)]
+    plan = [kept[i : i + batch_size] for i in range(0, len(kept), batch_size)][index::num_shards]
+    kept = [p for batch in plan for p in batch]
 
     output_file.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(output_file, settings)

@@ -7,7 +7,7 @@
 
 Example (the offline assets by default; rerun the same command to resume)::
 
-    python -m torchtune_medusa.data.self_distill --output self_distill.jsonl --limit 200 --batch-size 8
+    python -m torchtune_medusa.data.self_distill --output self_distill.jsonl --limit 200
 """
 
 import argparse
@@ -22,8 +22,10 @@ import torch
 from torchtune_medusa._load import load_hf_base
 from torchtune_medusa.data._self_distill import check_output_file, self_distill
 from torchtune_medusa.data._tokenizer import smollm2_tokenizer
+from torchtune_medusa.generation._settings import decode_dtype
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -53,16 +55,42 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="prompts decoded together (default 32, the fastest measured)"
+    )
     parser.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are skipped and counted")
     parser.add_argument("--multi-turn", action="store_true", help="answer every user turn, not only the first")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N >= 1 conversations of the data")
     parser.add_argument("--system-prompt", default=None, help="system message for prompts that have none")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *sorted(DTYPES)],
+        default="auto",
+        help="auto (default): bf16 where the device computes it natively (AVX512-BF16/AMX CPUs, recent GPUs), "
+        "else fp32. The dtype is recorded with every reply, and a file is only resumed with the same one",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=["on", "off"],
+        default="off",
+        help="decode with the compiled step; off by default (no faster for batched decoding on CPU)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every core)")
+    parser.add_argument(
+        "--shard",
+        default="0/1",
+        help="i/n: this process does every n-th batch from batch i (run n processes with --threads 1 and their own "
+        "--output files: on CPU, n one-thread processes beat one n-thread process)",
+    )
     args = parser.parse_args(argv)
     check_args(parser, args)
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shard must be i/n with 0 <= i < n (e.g. 0/2), got {args.shard!r}")
 
     if args.model_dir is None or args.data is None:
         from torchtune_medusa.assets import prepare
@@ -74,7 +102,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     tokenizer = smollm2_tokenizer(args.model_dir, system_prompt=args.system_prompt)
     t0 = time.perf_counter()
-    model = load_hf_base(args.model_dir, device=args.device, dtype=DTYPES[args.dtype])
+    dtype = decode_dtype(args.dtype, args.device) if args.dtype == "auto" else DTYPES[args.dtype]
+    model = load_hf_base(args.model_dir, device=args.device, dtype=dtype)
     print(f"[self_distill] loaded {args.model_dir} in {time.perf_counter() - t0:.1f} s")
     try:
         stats = self_distill(
@@ -90,7 +119,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             max_prompt_len=args.max_prompt_len,
             multi_turn=args.multi_turn,
             limit=args.limit,
-            model_name=f"SmolLM2-135M-Instruct ({args.dtype})",
+            model_name=f"SmolLM2-135M-Instruct ({DTYPE_NAMES[dtype]})",
+            compile=args.compile == "on",
+            shard=shard,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

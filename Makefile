@@ -28,50 +28,61 @@ assets: setup
 	$(BIN)/python -m torchtune_medusa.assets prepare
 
 # The main job, end to end on the embedded default (SmolLM2-135M-Instruct, CPU, offline):
-#   1. self-distillation data: SmolLM2 answers DEMO_PROMPTS ShareGPT training prompts (greedy), and
-#      DEMO_VAL_PROMPTS held-out ones for validation (resumable: rerunning continues where it stopped);
-#   2. Medusa-1 heads trained on it (`tune run medusa_finetune`; validation decodes held-out prompts for real and
-#      calibrates the tree on this machine's measured step cost);
-#   3. benchmarks/bench_decode.py on DEMO_BENCH_PROMPTS other held-out prompts: baseline vs Medusa, greedy
-#      outputs checked identical, results table printed and written to DEMO_OUT/bench/.
+#   1. self-distillation data: SmolLM2 answers DEMO_PROMPTS ShareGPT training prompts (greedy, bf16 where native,
+#      DEMO_SHARDS one-thread processes sharing the batches), and DEMO_VAL_PROMPTS held-out ones for validation
+#      (resumable: rerunning continues where it stopped);
+#   2. Medusa-1 heads trained on it (`tune run medusa_finetune`; heads over the 8,192 most frequent target tokens;
+#      a held-out validation every DEMO_VAL_EVERY steps gives the learning curve; the final one decodes held-out
+#      prompts for real and calibrates the tree on this machine's measured step cost);
+#   3. benchmarks/bench_decode.py on DEMO_BENCH_PROMPTS other held-out prompts: baseline vs Medusa with the shipped
+#      decode settings, greedy outputs checked identical in fp32 and bf16 compared with fp32, results table printed
+#      and written to DEMO_OUT/bench/.
 # `make demo-quick` is the same pipeline at a size that finishes in minutes.
 DEMO_OUT ?= output/smollm2_135m_medusa
-DEMO_PROMPTS ?= 240
-DEMO_VAL_PROMPTS ?= 16
-DEMO_EPOCHS ?= 4
+DEMO_PROMPTS ?= 1400
+DEMO_VAL_PROMPTS ?= 48
+DEMO_EPOCHS ?= 3
+DEMO_VAL_EVERY ?= 100
 DEMO_NEW_TOKENS ?= 128
 DEMO_BENCH_PROMPTS ?= 4
-DEMO_BENCH_REPEATS ?= 3
-DEMO_TREES ?= trained,calibrated,chain1,topk4-2-1
-DEMO_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
-# Decoding runs with the shipped decode settings (bf16 where native, every core but one, compiled step); the
-# benchmark also times the pre-fast-path step (fp32, eager, all cores) and reports bf16 against fp32 greedy output.
+DEMO_BENCH_REPEATS ?= 2
+DEMO_TREES ?= trained,chain1
+DEMO_SHARDS ?= $(shell nproc 2>/dev/null || echo 2)
+# Decoding runs with the shipped decode settings (bf16 where native, every core but one, compiled step) and
+# reports bf16 against fp32 greedy output on DEMO_QUALITY_PROMPTS prompts.
 DEMO_COMPILE ?= auto
-DEMO_QUALITY_PROMPTS ?= 16
-# Heads propose only the most frequent tokens of the self-distilled replies: the proposal's vocabulary projection
-# is the largest single cost of a SmolLM2 tree step on CPU (0 = the whole vocabulary).
-DEMO_PROPOSAL_VOCAB ?= 8192
+DEMO_QUALITY_PROMPTS ?= 8
+DEMO_EXTRA ?=
 CACHE = $$($(BIN)/python -m torchtune_medusa.assets path)
-SELF_DISTILL = $(BIN)/python -m torchtune_medusa.data.self_distill --batch-size 16 --max-prompt-len 384 \
-  --max-new-tokens $(DEMO_NEW_TOKENS) --threads $(DEMO_THREADS)
+SELF_DISTILL = $(BIN)/python -m torchtune_medusa.data.self_distill --batch-size 32 --max-prompt-len 256 \
+  --max-new-tokens $(DEMO_NEW_TOKENS) --threads 1
+SHARD_FILES = $(foreach i,$(shell seq 0 $$(($(DEMO_SHARDS) - 1))),$(DEMO_OUT)/data/train.$(i)-of-$(DEMO_SHARDS).jsonl)
+comma := ,
+empty :=
+space := $(empty) $(empty)
 
 demo: assets
-	$(SELF_DISTILL) --output $(DEMO_OUT)/data/train.jsonl --limit $(DEMO_PROMPTS)
-	$(SELF_DISTILL) --output $(DEMO_OUT)/data/heldout.jsonl --limit $(DEMO_VAL_PROMPTS) --data $(CACHE)/sharegpt/heldout.jsonl
+	pids=""; for i in $$(seq 0 $$(($(DEMO_SHARDS) - 1))); do \
+	  $(SELF_DISTILL) --limit $(DEMO_PROMPTS) --shard $$i/$(DEMO_SHARDS) \
+	    --output $(DEMO_OUT)/data/train.$$i-of-$(DEMO_SHARDS).jsonl & pids="$$pids $$!"; \
+	done; for p in $$pids; do wait $$p || exit 1; done
+	$(SELF_DISTILL) --threads $(DEMO_SHARDS) --output $(DEMO_OUT)/data/heldout.jsonl --limit $(DEMO_VAL_PROMPTS) \
+	  --data $(CACHE)/sharegpt/heldout.jsonl
 	$(BIN)/tune run medusa_finetune --config smollm2/135M_medusa output_dir=$(DEMO_OUT) epochs=$(DEMO_EPOCHS) \
-	  dataset.data_files=$(DEMO_OUT)/data/train.jsonl dataset.split=train dataset.max_seq_len=512 \
-	  tokenizer.max_seq_len=512 validation.dataset.data_files=$(DEMO_OUT)/data/heldout.jsonl \
-	  validation.dataset.max_seq_len=512
+	  dtype=bf16 'dataset.data_files=[$(subst $(space),$(comma),$(SHARD_FILES))]' dataset.split=train \
+	  dataset.max_seq_len=512 tokenizer.max_seq_len=512 validation.dataset.data_files=$(DEMO_OUT)/data/heldout.jsonl \
+	  validation.dataset.max_seq_len=512 validation.max_samples=$(DEMO_VAL_PROMPTS) \
+	  validation.every_n_steps=$(DEMO_VAL_EVERY) $(DEMO_EXTRA)
 	$(BIN)/python benchmarks/bench_decode.py --model checkpoint --checkpoint $(DEMO_OUT) --compile $(DEMO_COMPILE) \
-	  --compare-legacy --quality-prompts $(DEMO_QUALITY_PROMPTS) \
-	  --proposal-vocab $(DEMO_PROPOSAL_VOCAB) --proposal-vocab-from $(DEMO_OUT)/data/train.jsonl \
+	  --quality-prompts $(DEMO_QUALITY_PROMPTS) \
 	  --prompt-file $(CACHE)/sharegpt/heldout.jsonl --prompt-skip $(DEMO_VAL_PROMPTS) --num-prompts $(DEMO_BENCH_PROMPTS) \
 	  --max-new-tokens $(DEMO_NEW_TOKENS) --repeats $(DEMO_BENCH_REPEATS) --trees '$(DEMO_TREES)' \
-	  --step-sizes 1,2,4,8,16 --context-len 256 --out $(DEMO_OUT)/bench
+	  --step-sizes 1,4,16 --context-len 256 --out $(DEMO_OUT)/bench
 
 demo-quick:
 	$(MAKE) demo DEMO_OUT=output/smollm2_135m_medusa_quick DEMO_PROMPTS=32 DEMO_VAL_PROMPTS=8 DEMO_EPOCHS=2 \
-	  DEMO_NEW_TOKENS=64 DEMO_BENCH_PROMPTS=2 DEMO_BENCH_REPEATS=1 DEMO_COMPILE=off DEMO_QUALITY_PROMPTS=2
+	  DEMO_VAL_EVERY=4 DEMO_NEW_TOKENS=64 DEMO_BENCH_PROMPTS=2 DEMO_BENCH_REPEATS=1 DEMO_COMPILE=off \
+	  DEMO_QUALITY_PROMPTS=2
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

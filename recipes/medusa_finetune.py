@@ -595,7 +595,9 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 self._calibrated_tree = tree
         # real tree decoding on rank 0 with an unsharded model
         # the same decision on every rank: under FSDP the unsharded copy is gathered collectively
-        if int(self._val_cfg.get("num_prompts", 0)) > 0:
+        # decoding (and measured tree calibration) can be kept for the end, so that frequent validations (the
+        # learning curve) cost only the teacher-forced head metrics
+        if int(self._val_cfg.get("num_prompts", 0)) > 0 and (final or not self._val_cfg.get("decode_only_at_end")):
             decode_model = unsharded_model_copy(
                 self._model, self._cfg.model, sharded=self._sharded, dtype=self._dtype, device=self._device
             )

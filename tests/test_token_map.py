@@ -237,3 +237,21 @@ def test_formats_without_a_token_map_refuse_truncated_heads(tmp_path, fmt):
     with pytest.raises(ValueError, match="export as 'vllm'"):
         export_heads(model, tmp_path, format=fmt, base_model_name_or_path="x")
     assert not any(tmp_path.iterdir())
+
+
+def test_head_accuracies_for_calibration_rank_within_the_map():
+    from torchtune_medusa.generation._calibration import measure_head_accuracies
+
+    model = tiny_medusa(own_projection=False, tied=True)
+    model.set_medusa_token_map(TOKEN_MAP)
+    seq = torch.randint(1, V, (30,), generator=torch.Generator().manual_seed(5))
+    acc = measure_head_accuracies(model, [seq.tolist()], topk=4)
+    hidden = hidden_of(model, seq[None])[0]
+    index = torch.full((V,), -1, dtype=torch.long)
+    index[TOKEN_MAP] = torch.arange(len(TOKEN_MAP))
+    for k in (1, 2, 3):
+        logits = model.output(model.medusa_heads[k - 1](hidden[: 30 - k - 1]))[:, TOKEN_MAP]
+        targets = index[seq[k + 1 :]]
+        order = logits.argsort(-1, descending=True)[:, :4]
+        want = [((order[:, r] == targets) & (targets >= 0)).float().sum().item() / len(targets) for r in range(4)]
+        assert acc[k - 1].tolist() == pytest.approx(want)

@@ -43,6 +43,7 @@ from torchtune_medusa.generation._step import (
 )
 from torchtune_medusa.generation._tree import build_tree_buffers, grow_tree, TREE_FORMAT
 from torchtune_medusa.generation._tree import Path as RankPath
+from torchtune_medusa.modules.medusa_heads import to_head_vocab, token_map_index
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ def measure_head_accuracies(
         torch.Tensor: ``[K, topk]`` float64, ``acc[k, r]`` = hits at rank r / positions for head k+1.
     """
     k_total = model.num_medusa_heads if num_heads is None else min(num_heads, model.num_medusa_heads)
+    token_map = getattr(model, "medusa_token_map", None)  # heads over a token map: a target outside it is a miss
+    index_of = token_map_index(token_map) if token_map is not None else None
     hits = torch.zeros(k_total, topk, dtype=torch.float64)
     counts = torch.zeros(k_total, dtype=torch.float64)
     prev = getattr(model, "return_hidden", False)
@@ -95,8 +98,9 @@ def measure_head_accuracies(
                     continue
                 logits = model.project(h[start : s - k - 1], k).float()  # [n, v]
                 target = tokens[0, start + k + 1 :]
-                rank = (logits > logits.gather(-1, target[:, None])).sum(-1)  # [n]
-                rank = rank[rank < topk].cpu()
+                head_target = target if index_of is None else to_head_vocab(target, index_of)
+                rank = (logits > logits.gather(-1, head_target.clamp(min=0)[:, None])).sum(-1)  # [n]
+                rank = rank[(rank < topk) & (head_target >= 0)].cpu()
                 hits[k - 1] += torch.bincount(rank, minlength=topk).double()
                 counts[k - 1] += target.numel()
     finally:

@@ -103,6 +103,7 @@ VALIDATION_KEYS = frozenset(
         "dataset",
         "decode_dtype",
         "decode_with_calibrated_tree",
+        "decode_only_at_end",
         "every_n_steps",
         "max_new_tokens",
         "max_prompt_len",

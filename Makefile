@@ -56,10 +56,6 @@ DEMO_EXTRA ?=
 CACHE = $$($(BIN)/python -m torchtune_medusa.assets path)
 SELF_DISTILL = $(BIN)/python -m torchtune_medusa.data.self_distill --batch-size 32 --max-prompt-len 256 \
   --max-new-tokens $(DEMO_NEW_TOKENS) --threads 1
-SHARD_FILES = $(foreach i,$(shell seq 0 $$(($(DEMO_SHARDS) - 1))),$(DEMO_OUT)/data/train.$(i)-of-$(DEMO_SHARDS).jsonl)
-comma := ,
-empty :=
-space := $(empty) $(empty)
 
 demo: assets
 	pids=""; for i in $$(seq 0 $$(($(DEMO_SHARDS) - 1))); do \
@@ -68,8 +64,10 @@ demo: assets
 	done; for p in $$pids; do wait $$p || exit 1; done
 	$(SELF_DISTILL) --threads $(DEMO_SHARDS) --output $(DEMO_OUT)/data/heldout.jsonl --limit $(DEMO_VAL_PROMPTS) \
 	  --data $(CACHE)/sharegpt/heldout.jsonl
+	# a shard that got no batch (fewer batches than shards) writes no file
+	files=$$(ls $(DEMO_OUT)/data/train.*-of-$(DEMO_SHARDS).jsonl | paste -sd, -); \
 	$(BIN)/tune run medusa_finetune --config smollm2/135M_medusa output_dir=$(DEMO_OUT) epochs=$(DEMO_EPOCHS) \
-	  dtype=bf16 'dataset.data_files=[$(subst $(space),$(comma),$(SHARD_FILES))]' dataset.split=train \
+	  dtype=bf16 "dataset.data_files=[$$files]" dataset.split=train \
 	  dataset.max_seq_len=512 tokenizer.max_seq_len=512 validation.dataset.data_files=$(DEMO_OUT)/data/heldout.jsonl \
 	  validation.dataset.max_seq_len=512 validation.max_samples=$(DEMO_VAL_PROMPTS) \
 	  validation.every_n_steps=$(DEMO_VAL_EVERY) $(DEMO_EXTRA)

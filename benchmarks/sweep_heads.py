@@ -39,14 +39,16 @@ from torchtune_medusa.training._head_vocab import head_token_map
 IGNORE = -100
 
 
-def hidden_states(model: MedusaTransformerDecoder, dataset, batch_size: int):
-    """Per sample: the normed hidden state of every position and the base-shifted greedy targets (the base model's
-    pick after each trained position, ``IGNORE`` elsewhere)."""
+def hidden_states(model: MedusaTransformerDecoder, dataset, batch_size: int, every: int = 1):
+    """Per sample (every ``every``-th one): the normed hidden state of every position and the base-shifted greedy
+    targets (the base model's pick after each trained position, ``IGNORE`` elsewhere). Samples are batched by
+    length, so that little is padded."""
     model.set_return_hidden(True)
     out = []
+    picked = sorted(range(0, len(dataset), every), key=lambda i: len(dataset[i]["tokens"]))
     with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            samples = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        for start in range(0, len(picked), batch_size):
+            samples = [dataset[i] for i in picked[start : start + batch_size]]
             batch = padded_collate_sft(samples, padding_idx=0, ignore_idx=IGNORE)
             hidden = model(batch["tokens"])
             greedy = model.project(hidden, 0).argmax(-1)
@@ -55,7 +57,7 @@ def hidden_states(model: MedusaTransformerDecoder, dataset, batch_size: int):
             for row, sample in enumerate(samples):
                 n = len(sample["tokens"])
                 out.append((hidden[row, :n].clone(), targets[row, :n].clone()))
-            print(f"\rhidden states {len(out)}/{len(dataset)}", end="", flush=True)
+            print(f"\rhidden states {len(out)}/{len(picked)}", end="", flush=True)
     print()
     return out
 
@@ -85,9 +87,16 @@ def evaluate(model, loss_fn, data, batch_size: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", required=True, help="self-distilled ShareGPT JSONL")
+    parser.add_argument("--train", required=True, nargs="+", help="self-distilled ShareGPT JSONL file(s)")
+    parser.add_argument(
+        "--mix-sharegpt",
+        default="0",
+        help="comma-separated numbers of raw ShareGPT rows (the asset's train split, from its end) to add to the "
+        "self-distilled data, one data set per number; their targets are the base model's greedy tokens",
+    )
     parser.add_argument("--heldout", required=True, help="held-out self-distilled ShareGPT JSONL")
     parser.add_argument("--heldout-samples", type=int, default=64)
+    parser.add_argument("--train-every", type=int, default=1, help="use every N-th training sample (a quicker sweep)")
     parser.add_argument("--lr", default="3e-3,1e-2")
     parser.add_argument("--layers", default="1,2")
     parser.add_argument("--heads", type=int, default=4)
@@ -107,6 +116,12 @@ def main(argv=None) -> int:
     model_dir = str(prepare().smollm2_dir)
     tokenizer = smollm2_tokenizer(model_dir, max_seq_len=args.max_seq_len)
     train = medusa_chat_dataset(tokenizer, data_files=args.train, split="train", max_seq_len=args.max_seq_len)
+    mixes = [int(x) for x in args.mix_sharegpt.split(",")]
+    raw = None
+    if max(mixes) > 0:
+        raw = medusa_chat_dataset(
+            tokenizer, data_files=str(prepare().sharegpt_train), split=f"train[-{max(mixes)}:]", max_seq_len=512
+        )
     heldout = medusa_chat_dataset(
         tokenizer, data_files=args.heldout, split=f"train[:{args.heldout_samples}]", max_seq_len=args.max_seq_len
     )
@@ -115,13 +130,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     probe = medusa_smollm2_135m(medusa_num_heads=args.heads, medusa_projection="shared").to(DTYPES[args.dtype])
     probe.load_state_dict(base_sd, strict=False)
-    train_data, heldout_data = hidden_states(probe, train, 8), hidden_states(probe, heldout, 8)
-    trained_tokens = sum(int((t != IGNORE).sum()) for _, t in train_data)
+    train_data = hidden_states(probe, train, 8, args.train_every)
+    heldout_data = hidden_states(probe, heldout, 8)
+    raw_data = hidden_states(probe, raw, 8) if raw is not None else []
+    datasets = {mix: train_data + raw_data[: len(raw_data) * mix // max(mixes)] for mix in mixes}
+    trained_tokens = {mix: sum(int((t != IGNORE).sum()) for _, t in d) for mix, d in datasets.items()}
     hidden_s = time.perf_counter() - t0
     print(f"hidden states of {len(train_data)} + {len(heldout_data)} samples in {hidden_s:.0f}s")
     results = []
-    grid = itertools.product([float(x) for x in args.lr.split(",")], [int(x) for x in args.layers.split(",")])
-    for lr, layers in grid:
+    grid = itertools.product(mixes, [float(x) for x in args.lr.split(",")], [int(x) for x in args.layers.split(",")])
+    for mix, lr, layers in grid:
+        data = datasets[mix]
         torch.manual_seed(0)
         model = medusa_smollm2_135m(medusa_num_heads=args.heads, medusa_num_layers=layers, medusa_projection="shared")
         model = model.to(DTYPES[args.dtype])
@@ -133,13 +152,13 @@ def main(argv=None) -> int:
             num_output_chunks=4, decay=args.decay, heads_coefficient=1.0, include_base_loss=False, recompute=False
         )
         optimizer = torch.optim.AdamW(model.medusa_heads.parameters(), lr=lr, weight_decay=0.0)
-        steps = args.epochs * -(-len(train_data) // args.batch_size)
+        steps = args.epochs * -(-len(data) // args.batch_size)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
         curve = []
         t1 = time.perf_counter()
         for epoch in range(args.epochs):
             g = torch.Generator().manual_seed(epoch)
-            for hidden, targets in batches(train_data, args.batch_size, g):
+            for hidden, targets in batches(data, args.batch_size, g):
                 out = loss_fn(hidden, targets, model.project, num_heads=args.heads)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
@@ -148,13 +167,25 @@ def main(argv=None) -> int:
                 schedule.step()
             top1 = evaluate(model, loss_fn, heldout_data, args.batch_size)
             curve.append({"epoch": epoch + 1, "heldout_top1": top1})
-            print(f"lr {lr:g} layers {layers} epoch {epoch + 1}: held-out top-1 " + " ".join(f"{a:.3f}" for a in top1))
-        results.append({"lr": lr, "layers": layers, "curve": curve, "train_s": time.perf_counter() - t1})
+            print(
+                f"sharegpt +{mix} ({trained_tokens[mix]} tokens) lr {lr:g} layers {layers} epoch {epoch + 1}: "
+                "held-out top-1 " + " ".join(f"{a:.3f}" for a in top1),
+                flush=True,
+            )
+        results.append(
+            {
+                "mix_sharegpt_rows": mix,
+                "trained_tokens": trained_tokens[mix],
+                "lr": lr,
+                "layers": layers,
+                "curve": curve,
+                "train_s": time.perf_counter() - t1,
+            }
+        )
     best = max(results, key=lambda r: max(c["heldout_top1"][0] for c in r["curve"]))
-    print(f"\nbest head-1: lr {best['lr']:g}, layers {best['layers']}")
+    print(f"\nbest head-1: sharegpt +{best['mix_sharegpt_rows']}, lr {best['lr']:g}, layers {best['layers']}")
     summary = {
-        "train_samples": len(train_data),
-        "trained_tokens": trained_tokens,
+        "self_distilled_samples": len(train_data),
         "heldout_samples": len(heldout_data),
         "truncated_vocab": args.truncated_vocab,
         "dtype": args.dtype,

@@ -62,7 +62,9 @@ from torchtune_medusa.training._state import (
     save_training_state,
 )
 from torchtune_medusa.training._validation import (
+    curve_point,
     evaluate_heads,
+    HeldOutHiddenStates,
     prompts_from_dataset,
     tree_of_size,
     validate_decoding,
@@ -183,7 +185,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         self._last_agreement: Optional[List[List[float]]] = None
         self._tokens_trained = 0  # by this process run (a resumed run counts from its resume point)
         self._learning_curve: List[Dict[str, float]] = []  # held-out head top-1 at every validation
-        self._val_hidden: Optional[List[torch.Tensor]] = None  # Medusa-1: the frozen backbone's held-out states
+        self._val_hidden = HeldOutHiddenStates(self._backbone_hidden_no_grad)  # Medusa-1: computed once
 
         if self._is_rank_zero:  # what killed runs left half-written, before anything is written
             remove_stale_temp_files(self._output_dir)
@@ -543,16 +545,6 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
     # ------------------------------------------------------------------------------------------------------
     # Validation.
 
-    def _validation_hidden(self, batches: List[Dict[str, Any]]):
-        """``hidden_fn`` for :func:`evaluate_heads`: with a frozen backbone (Medusa-1) the held-out hidden states
-        are computed at the first validation and reused (validating often, for the learning curve, stays cheap)."""
-        if self._medusa_version != 1:
-            return self._backbone_hidden_no_grad
-        if self._val_hidden is None:
-            self._val_hidden = [self._backbone_hidden_no_grad(b) for b in batches]
-        by_batch = {id(b): h for b, h in zip(batches, self._val_hidden)}
-        return lambda batch: by_batch[id(batch)]
-
     def _validate(self, final: bool = False) -> Dict[str, Any]:
         if self._val_cfg is None:
             return {}
@@ -567,7 +559,9 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             ]
             res = evaluate_heads(
                 batches=batches,
-                hidden_fn=self._validation_hidden(batches),
+                hidden_fn=self._val_hidden.bind(batches)
+                if self._medusa_version == 1
+                else self._backbone_hidden_no_grad,
                 project=self._project_outside_forward,
                 num_heads=self._model.num_medusa_heads,
                 ignore_index=self._ignore_index,
@@ -580,13 +574,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             self._root_params.release()
             metrics.update(res["metrics"])
             agreement = res["agreement"]
-            self._learning_curve.append(
-                {
-                    "step": self.global_step,
-                    "train_tokens": self._tokens_trained,
-                    **{k[len("val/") :]: v for k, v in res["metrics"].items() if k.startswith("val/top1/head_")},
-                }
-            )
+            self._learning_curve.append(curve_point(self.global_step, self._tokens_trained, res["metrics"]))
         num_nodes = self._val_cfg.get("calibrate_tree_nodes", None)
         measure_cost = self._val_cfg.get("tree_cost", "none") == "measured"
         if agreement is not None and num_nodes and not measure_cost:

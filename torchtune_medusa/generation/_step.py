@@ -78,6 +78,8 @@ class StepFunctions:
                 "these heads were trained on a token map (truncated vocabulary): they propose only its "
                 f"{token_map.numel()} tokens already; drop the proposal vocabulary"
             )
+        if token_map is not None and all(head.projection is None for head in model.medusa_heads):
+            proposal_vocab = token_map  # the shared output's rows of the map, gathered here once, not at every step
         self.proposal_vocab = proposal_vocab
         self._proposal_weights = _proposal_weights(model, proposal_vocab) if proposal_vocab is not None else None
         self._forward, self._propose = self._eager_forward, self._eager_propose

@@ -36,7 +36,9 @@ from torchtune_medusa.generation._tree import grow_tree
 from torchtune_medusa.modules.medusa_heads import to_head_vocab, token_map_index
 
 __all__ = [
+    "HeldOutHiddenStates",
     "calibrate_tree_for_speed",
+    "curve_point",
     "evaluate_decoding",
     "evaluate_heads",
     "prompts_from_dataset",
@@ -45,6 +47,32 @@ __all__ = [
 ]
 
 log = utils.get_logger("INFO")
+
+
+class HeldOutHiddenStates:
+    """``hidden_fn`` for :func:`evaluate_heads` that computes each held-out batch's hidden state once: with a
+    frozen backbone (Medusa-1) they never change, so frequent validations (a learning curve) cost only the heads.
+
+    Args:
+        compute (Callable): ``batch -> [b, s, d]`` hidden state.
+    """
+
+    def __init__(self, compute: Callable[[Dict[str, torch.Tensor]], torch.Tensor]) -> None:
+        self.compute = compute
+        self._hidden: Optional[List[torch.Tensor]] = None
+
+    def bind(self, batches: Sequence[Dict[str, torch.Tensor]]) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
+        """The ``hidden_fn`` of these batches (the same held-out batches at every call, in the same order)."""
+        if self._hidden is None:
+            self._hidden = [self.compute(b) for b in batches]
+        by_batch = {id(b): h for b, h in zip(batches, self._hidden)}
+        return lambda batch: by_batch[id(batch)]
+
+
+def curve_point(step: int, train_tokens: int, metrics: Dict[str, float]) -> Dict[str, float]:
+    """One point of the learning curve: held-out head top-1 after ``train_tokens`` trained tokens."""
+    heads = {k[len("val/") :]: v for k, v in metrics.items() if k.startswith("val/top1/head_")}
+    return {"step": step, "train_tokens": train_tokens, **heads}
 
 
 @torch.no_grad()

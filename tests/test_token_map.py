@@ -170,6 +170,11 @@ def test_proposals_are_full_vocabulary_ids_of_the_map():
     want = TOKEN_MAP[model.medusa_logits(h[None], 2).topk(4, -1).indices.flatten()]
     assert proposed.tolist() == want.tolist()
     assert set(proposed.tolist()) <= set(TOKEN_MAP.tolist())
+    # the map's rows of the shared output are gathered once, not at every step (inside a compiled step that gather
+    # cost more than the step itself)
+    fns = step_functions(model)
+    assert torch.equal(fns._proposal_weights, model.output.weight[TOKEN_MAP] if hasattr(model.output, "weight")
+                       else model.tok_embeddings.weight[TOKEN_MAP])  # fmt: skip
 
 
 def test_state_dict_round_trip_sets_the_map():

@@ -55,11 +55,11 @@ DEMO_QUALITY_PROMPTS ?= 8
 DEMO_EXTRA ?=
 CACHE = $$($(BIN)/python -m torchtune_medusa.assets path)
 SELF_DISTILL = $(BIN)/python -m torchtune_medusa.data.self_distill --batch-size 32 --max-prompt-len 256 \
-  --max-new-tokens $(DEMO_NEW_TOKENS) --threads 1
+  --max-new-tokens $(DEMO_NEW_TOKENS)
 
 demo: assets
 	pids=""; for i in $$(seq 0 $$(($(DEMO_SHARDS) - 1))); do \
-	  $(SELF_DISTILL) --limit $(DEMO_PROMPTS) --shard $$i/$(DEMO_SHARDS) \
+	  $(SELF_DISTILL) --threads 1 --limit $(DEMO_PROMPTS) --shard $$i/$(DEMO_SHARDS) \
 	    --output $(DEMO_OUT)/data/train.$$i-of-$(DEMO_SHARDS).jsonl & pids="$$pids $$!"; \
 	done; for p in $$pids; do wait $$p || exit 1; done
 	$(SELF_DISTILL) --threads $(DEMO_SHARDS) --output $(DEMO_OUT)/data/heldout.jsonl --limit $(DEMO_VAL_PROMPTS) \

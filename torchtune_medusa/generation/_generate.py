@@ -362,12 +362,12 @@ def medusa_generate(
     # Positions must stay below max_seq_len (RoPE table); slots below cache_len.
     pos_limit = int(model.max_seq_len)
     fns = step_functions(model, compile=compile, proposal_vocab=proposal_vocab)
-    if proposal_vocab is not None and fns.proposal_vocab.numel() < topk:
-        raise ValueError(f"proposal_vocab has {fns.proposal_vocab.numel()} tokens, fewer than topk={topk}")
-    token_map = getattr(model, "medusa_token_map", None)
-    if token_map is not None and token_map.numel() < topk:
+    proposable = fns.proposal_vocab if fns.proposal_vocab is not None else getattr(model, "medusa_token_map", None)
+    if proposable is not None and proposable.numel() < topk:
+        source = "proposal_vocab" if proposal_vocab is not None else "the heads' token map"
         raise ValueError(
-            f"the heads score only {token_map.numel()} tokens (their token map), fewer than topk={topk}: lower topk"
+            f"the heads can propose only the {proposable.numel()} tokens of {source}, fewer than topk={topk}: "
+            "lower topk"
         )
     ttfts = []
 

@@ -29,9 +29,11 @@ assets: setup
 
 # The main job, end to end on the embedded default (SmolLM2-135M-Instruct, CPU, offline):
 #   1. self-distillation data: SmolLM2 answers DEMO_PROMPTS ShareGPT training prompts (greedy, bf16 where native,
-#      DEMO_SHARDS one-thread processes sharing the batches), and DEMO_VAL_PROMPTS held-out ones for validation
-#      (resumable: rerunning continues where it stopped);
-#   2. Medusa-1 heads trained on it (`tune run medusa_finetune`; heads over the 8,192 most frequent target tokens;
+#      DEMO_SHARDS one-thread processes sharing the batches) and keeps the hidden state behind every reply token
+#      (--save-hidden), and answers DEMO_VAL_PROMPTS held-out ones for validation (resumable: rerunning continues
+#      where it stopped);
+#   2. Medusa-1 heads trained on the saved hidden states, with no second pass of the backbone over the data
+#      (`tune run medusa_finetune`, self_distilled_hidden_dataset; heads over the 8,192 most frequent target tokens;
 #      a held-out validation every DEMO_VAL_EVERY steps gives the learning curve; the final one decodes held-out
 #      prompts for real and calibrates the tree on this machine's measured step cost);
 #   3. benchmarks/bench_decode.py on DEMO_BENCH_PROMPTS other held-out prompts: baseline vs Medusa with the shipped
@@ -39,9 +41,9 @@ assets: setup
 #      and written to DEMO_OUT/bench/.
 # `make demo-quick` is the same pipeline at a size that finishes in minutes.
 DEMO_OUT ?= output/smollm2_135m_medusa
-DEMO_PROMPTS ?= 1400
+DEMO_PROMPTS ?= 2400
 DEMO_VAL_PROMPTS ?= 48
-DEMO_EPOCHS ?= 3
+DEMO_EPOCHS ?= 2
 DEMO_VAL_EVERY ?= 100
 DEMO_NEW_TOKENS ?= 128
 DEMO_BENCH_PROMPTS ?= 4
@@ -59,7 +61,7 @@ SELF_DISTILL = $(BIN)/python -m torchtune_medusa.data.self_distill --batch-size 
 
 demo: assets
 	pids=""; for i in $$(seq 0 $$(($(DEMO_SHARDS) - 1))); do \
-	  $(SELF_DISTILL) --threads 1 --limit $(DEMO_PROMPTS) --shard $$i/$(DEMO_SHARDS) \
+	  $(SELF_DISTILL) --threads 1 --limit $(DEMO_PROMPTS) --shard $$i/$(DEMO_SHARDS) --save-hidden \
 	    --output $(DEMO_OUT)/data/train.$$i-of-$(DEMO_SHARDS).jsonl & pids="$$pids $$!"; \
 	done; for p in $$pids; do wait $$p || exit 1; done
 	$(SELF_DISTILL) --threads $(DEMO_SHARDS) --output $(DEMO_OUT)/data/heldout.jsonl --limit $(DEMO_VAL_PROMPTS) \
@@ -67,7 +69,8 @@ demo: assets
 	# a shard that got no batch (fewer batches than shards) writes no file
 	files=$$(ls $(DEMO_OUT)/data/train.*-of-$(DEMO_SHARDS).jsonl | paste -sd, -); \
 	$(BIN)/tune run medusa_finetune --config smollm2/135M_medusa output_dir=$(DEMO_OUT) epochs=$(DEMO_EPOCHS) \
-	  dtype=bf16 "dataset.data_files=[$$files]" dataset.split=train \
+	  dtype=bf16 dataset._component_=torchtune_medusa.data.self_distilled_hidden_dataset "dataset.data_files=[$$files]" \
+	  '~dataset.split' \
 	  dataset.max_seq_len=512 tokenizer.max_seq_len=512 validation.dataset.data_files=$(DEMO_OUT)/data/heldout.jsonl \
 	  validation.dataset.max_seq_len=512 validation.max_samples=$(DEMO_VAL_PROMPTS) \
 	  validation.every_n_steps=$(DEMO_VAL_EVERY) $(DEMO_EXTRA)

@@ -3,15 +3,18 @@
 #
 # This source code is licensed under the BSD-style license found in the
 # LICENSE file in the root directory of this source tree.
-"""Choose Medusa-1 head settings on held-out data: a grid of learning rates x residual blocks per head, every
-setting trained on the same cached hidden states, scored after every epoch.
+"""Choose Medusa-1 head settings on held-out data: a grid of losses x learning rates x residual blocks per head,
+every setting trained on the same cached hidden states, scored after every epoch.
 
 With a frozen backbone the heads only ever see the backbone's normed hidden states, so they are computed once
 (train and held-out) and every setting trains on them: a sweep costs one backbone pass plus the heads' own work.
+Training files written by ``self_distill --save-hidden`` cost no backbone pass at all: their saved states are used.
 Targets are the base model's greedy tokens (the recipe's ``head_targets: base_greedy``), heads score the
 ``--truncated-vocab`` most frequent targets (the recipe's ``truncated_vocab_size``), and the loss is the
-recipe's :class:`~torchtune_medusa.modules.MedusaCrossEntropyLoss`. Held-out top-1 counts targets outside the
-token map as misses. Prints a table (held-out head top-1 per setting and epoch) and writes JSON.
+recipe's :class:`~torchtune_medusa.modules.MedusaCrossEntropyLoss` (``--loss ce``) or the KL to the base model's
+distribution k steps ahead (``--loss kl``, :class:`~torchtune_medusa.modules.MedusaSelfDistillationLoss` with
+``head_target="teacher_distribution"``). Held-out top-1 counts targets outside the token map as misses. Prints a
+table (held-out head top-1 per setting and epoch) and writes JSON.
 
 Example::
 
@@ -30,10 +33,10 @@ import torch
 from torchtune.data import padded_collate_sft
 
 from torchtune_medusa._load import load_hf_base
-from torchtune_medusa.data import medusa_chat_dataset, smollm2_tokenizer
+from torchtune_medusa.data import medusa_chat_dataset, self_distilled_hidden_dataset, smollm2_tokenizer
 from torchtune_medusa.generation._settings import DTYPES
 from torchtune_medusa.models import medusa_smollm2_135m
-from torchtune_medusa.modules import MedusaCrossEntropyLoss, MedusaTransformerDecoder
+from torchtune_medusa.modules import MedusaCrossEntropyLoss, MedusaSelfDistillationLoss, MedusaTransformerDecoder
 from torchtune_medusa.training._head_vocab import head_token_map
 
 IGNORE = -100
@@ -60,6 +63,31 @@ def hidden_states(model: MedusaTransformerDecoder, dataset, batch_size: int, eve
             print(f"\rhidden states {len(out)}/{len(picked)}", end="", flush=True)
     print()
     return out
+
+
+def saved_hidden_states(files, dtype: torch.dtype, every: int = 1):
+    """``(hidden, targets)`` per reply of ``self_distill --save-hidden`` files (greedy replies: a reply's tokens are the
+    base model's picks after each of its positions), or None when the files hold no saved states."""
+    try:
+        saved = self_distilled_hidden_dataset(data_files=files)
+    except ValueError:
+        return None
+    if not saved.greedy_targets:
+        return None
+    return [
+        (saved.hidden_state(i).to(dtype), torch.tensor(saved[i]["labels"][1:])) for i in range(0, len(saved), every)
+    ]
+
+
+def make_loss(name: str, decay: float):
+    common = dict(num_output_chunks=4, heads_coefficient=1.0, include_base_loss=False, recompute=False)
+    if name == "ce":
+        return MedusaCrossEntropyLoss(decay=decay, **common)
+    if name == "kl":
+        return MedusaSelfDistillationLoss(
+            head_target="teacher_distribution", decay=decay, log_base_metrics=False, **common
+        )
+    raise SystemExit(f"--loss: {name!r} is not ce or kl")
 
 
 def batches(data, batch_size: int, generator=None):
@@ -98,6 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heldout-samples", type=int, default=64)
     parser.add_argument("--train-every", type=int, default=1, help="use every N-th training sample (a quicker sweep)")
     parser.add_argument("--lr", default="3e-3,1e-2")
+    parser.add_argument("--loss", default="ce", help="comma-separated: ce (greedy targets) and/or kl (distribution)")
     parser.add_argument("--layers", default="1,2")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=3)
@@ -130,16 +159,23 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     probe = medusa_smollm2_135m(medusa_num_heads=args.heads, medusa_projection="shared").to(DTYPES[args.dtype])
     probe.load_state_dict(base_sd, strict=False)
-    train_data = hidden_states(probe, train, 8, args.train_every)
+    train_data = saved_hidden_states(args.train, DTYPES[args.dtype], args.train_every)
+    if train_data is None:
+        train_data = hidden_states(probe, train, 8, args.train_every)
     heldout_data = hidden_states(probe, heldout, 8)
     raw_data = hidden_states(probe, raw, 8) if raw is not None else []
-    datasets = {mix: train_data + raw_data[: len(raw_data) * mix // max(mixes)] for mix in mixes}
+    datasets = {mix: train_data + (raw_data[: len(raw_data) * mix // max(mixes)] if mix else []) for mix in mixes}
     trained_tokens = {mix: sum(int((t != IGNORE).sum()) for _, t in d) for mix, d in datasets.items()}
     hidden_s = time.perf_counter() - t0
     print(f"hidden states of {len(train_data)} + {len(heldout_data)} samples in {hidden_s:.0f}s")
     results = []
-    grid = itertools.product(mixes, [float(x) for x in args.lr.split(",")], [int(x) for x in args.layers.split(",")])
-    for mix, lr, layers in grid:
+    losses = args.loss.split(",")
+    for name in losses:
+        make_loss(name, args.decay)  # a bad name fails before training
+    grid = itertools.product(
+        mixes, losses, [float(x) for x in args.lr.split(",")], [int(x) for x in args.layers.split(",")]
+    )
+    for mix, loss_name, lr, layers in grid:
         data = datasets[mix]
         torch.manual_seed(0)
         model = medusa_smollm2_135m(medusa_num_heads=args.heads, medusa_num_layers=layers, medusa_projection="shared")
@@ -148,9 +184,8 @@ def main(argv=None) -> int:
         model.set_medusa_token_map(token_map)
         model.requires_grad_(False)
         model.medusa_heads.requires_grad_(True)
-        loss_fn = MedusaCrossEntropyLoss(
-            num_output_chunks=4, decay=args.decay, heads_coefficient=1.0, include_base_loss=False, recompute=False
-        )
+        loss_fn = make_loss(loss_name, args.decay)
+        score_fn = make_loss("ce", args.decay)
         optimizer = torch.optim.AdamW(model.medusa_heads.parameters(), lr=lr, weight_decay=0.0)
         steps = args.epochs * -(-len(data) // args.batch_size)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -159,22 +194,27 @@ def main(argv=None) -> int:
         for epoch in range(args.epochs):
             g = torch.Generator().manual_seed(epoch)
             for hidden, targets in batches(data, args.batch_size, g):
-                out = loss_fn(hidden, targets, model.project, num_heads=args.heads)
+                if loss_name == "kl":
+                    out = loss_fn(hidden, targets, model.project, hidden, model.project, num_heads=args.heads)
+                else:
+                    out = loss_fn(hidden, targets, model.project, num_heads=args.heads)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.medusa_heads.parameters(), 1.0)
                 optimizer.step()
                 schedule.step()
-            top1 = evaluate(model, loss_fn, heldout_data, args.batch_size)
+            top1 = evaluate(model, score_fn, heldout_data, args.batch_size)
             curve.append({"epoch": epoch + 1, "heldout_top1": top1})
             print(
-                f"sharegpt +{mix} ({trained_tokens[mix]} tokens) lr {lr:g} layers {layers} epoch {epoch + 1}: "
+                f"sharegpt +{mix} ({trained_tokens[mix]} tokens) {loss_name} lr {lr:g} layers {layers} "
+                f"epoch {epoch + 1}: "
                 "held-out top-1 " + " ".join(f"{a:.3f}" for a in top1),
                 flush=True,
             )
         results.append(
             {
                 "mix_sharegpt_rows": mix,
+                "loss": loss_name,
                 "trained_tokens": trained_tokens[mix],
                 "lr": lr,
                 "layers": layers,
@@ -183,7 +223,10 @@ def main(argv=None) -> int:
             }
         )
     best = max(results, key=lambda r: max(c["heldout_top1"][0] for c in r["curve"]))
-    print(f"\nbest head-1: sharegpt +{best['mix_sharegpt_rows']}, lr {best['lr']:g}, layers {best['layers']}")
+    print(
+        f"\nbest head-1: sharegpt +{best['mix_sharegpt_rows']}, {best['loss']}, lr {best['lr']:g}, "
+        f"layers {best['layers']}"
+    )
     summary = {
         "self_distilled_samples": len(train_data),
         "heldout_samples": len(heldout_data),

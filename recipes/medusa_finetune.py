@@ -38,6 +38,8 @@ from torchtune_medusa.training._hidden_cache import (
     fill_hidden_state_cache,
     HiddenStateCache,
     IndexedDataset,
+    load_saved_hidden_states,
+    saved_hidden_states,
 )
 from torchtune_medusa.training._lora import (
     init_adapter_weights,
@@ -263,6 +265,12 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         self._setup_validation(cfg)
         self._profiler = self._setup_profiler(cfg.get(PROFILER_KEY, None))
 
+        if saved_hidden_states(self._dataset) is not None and not (self._cache_hidden and self._medusa_version == 1):
+            raise ValueError(
+                f"{cfg.dataset._component_} holds saved hidden states, which only train Medusa-1 heads from the "
+                "hidden-state cache: set medusa_version=1 and cache_hidden_states=True, or train on the replies' text "
+                "with torchtune_medusa.data.medusa_chat_dataset"
+            )
         if self._cache_hidden:
             self._fill_hidden_cache(cfg, batch_size=cfg.batch_size)
 
@@ -436,12 +444,17 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             return self._model.project(hidden, head)
 
     def _fill_hidden_cache(self, cfg: DictConfig, batch_size: int) -> None:
+        if saved_hidden_states(self._dataset) is not None:
+            self._hidden_cache = load_saved_hidden_states(
+                self._dataset, model=self._model, dtype=self._dtype, store_device=self._hidden_store_device(cfg)
+            )
+            return
         self._hidden_cache = fill_hidden_state_cache(
             self._dataset,
             dim=self._model.norm.scale.shape[-1] if hasattr(self._model.norm, "scale") else None,
             dtype=self._dtype,
             max_gb=float(cfg.get("hidden_cache_max_gb", 4.0)),
-            store_device=self._device if cfg.get("hidden_cache_on_device", False) else torch.device("cpu"),
+            store_device=self._hidden_store_device(cfg),
             compute_hidden=self._backbone_hidden_no_grad,
             greedy_fn=self._base_greedy if self._head_targets == "base_greedy" else None,
             collate_fn=self._collate,
@@ -449,6 +462,9 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             device=self._device,
         )
         self._root_params.release()  # gathered by _base_greedy
+
+    def _hidden_store_device(self, cfg: DictConfig) -> torch.device:
+        return self._device if cfg.get("hidden_cache_on_device", False) else torch.device("cpu")
 
     def _loss_step(self, batch: Dict[str, Any], stage: Stage):
         labels = batch.pop("labels")

@@ -72,3 +72,12 @@ def conv(*turns, id=None) -> dict:
     if id is not None:
         row["id"] = id
     return row
+
+
+class Killed(Exception):
+    """Raised by :func:`kill_after_first_batch`: a stand-in for a process killed between two batches."""
+
+
+def kill_after_first_batch(batch_index: int, num_batches: int) -> None:
+    """An ``on_batch`` hook of ``self_distill`` that stops the run after its first batch is written."""
+    raise Killed

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from data_common import conv, tiny_tokenizer, write_jsonl
+from data_common import conv, kill_after_first_batch, Killed, tiny_tokenizer, write_jsonl
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
 from torchtune.models.llama3_1 import llama3_1
 
@@ -110,12 +110,6 @@ def test_resume_after_interruption_gives_the_same_file(model, tok, prompts_file,
     run(model, tok, prompts_file, reference)
     ref_bytes = reference.read_bytes()
     assert len(ref_bytes.splitlines()) == 8
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_first_batch(b, n):
-        raise Killed
 
     out = tmp_path / "out.jsonl"
     with pytest.raises(Killed):

@@ -36,6 +36,12 @@ from torchtune.data import Message
 from tqdm import tqdm
 
 from torchtune_medusa.data._chat import conversation_to_messages, SkipConversation
+from torchtune_medusa.data._hidden_states import (
+    batch_file_name,
+    hidden_states_dir,
+    save_hidden_batch,
+    weights_fingerprint,
+)
 from torchtune_medusa.data._utils import load_local_dataset
 from torchtune_medusa.generation import generate
 
@@ -53,9 +59,10 @@ RESUME_KEYS = (
     "batch_size",
     "max_prompt_len",
     "shard",
+    "save_hidden",
 )
 # Values of resume keys that older files do not record.
-RESUME_DEFAULTS = {"shard": "0/1"}
+RESUME_DEFAULTS = {"shard": "0/1", "save_hidden": False}
 
 
 @dataclass
@@ -279,6 +286,7 @@ def self_distill(
     progress: bool = True,
     compile: bool = False,
     shard: Tuple[int, int] = (0, 1),
+    save_hidden: bool = False,
     **prompt_kwargs: Any,
 ) -> SelfDistillStats:
     """Generate the model's replies to the prompts of ``data_files`` into ``output_file`` (ShareGPT JSONL).
@@ -315,6 +323,9 @@ def self_distill(
         shard (Tuple[int, int]): ``(i, n)``: do only every n-th batch of the plan, starting at batch i, so that n
             processes (one thread each, say) share the work; each writes its own file, and the n files together
             hold what one process would have written. Default ``(0, 1)``: everything.
+        save_hidden (bool): also keep the hidden state behind every reply token, one safetensors file per batch in
+            :func:`~torchtune_medusa.data.hidden_states_dir` ``(output_file)``, for Medusa-1 head training without a
+            second backbone pass (:func:`~torchtune_medusa.data.self_distilled_hidden_dataset`). Default False.
         **prompt_kwargs: passed to :func:`load_prompts` (``conversation_column``, ``id_column``, ...).
 
     Returns:
@@ -348,6 +359,7 @@ def self_distill(
         batch_size=batch_size,
         max_prompt_len=max_prompt_len,
         shard=f"{index}/{num_shards}",
+        save_hidden=bool(save_hidden),
     )
     stats = SelfDistillStats()
     skipped: Counter = Counter()
@@ -376,6 +388,7 @@ def self_distill(
     done = read_done(output_file, settings)
     stats.already_done = sum(p.id in done for p in kept)
     stop_reasons: Counter = Counter()
+    fingerprint = weights_fingerprint(model) if save_hidden else None
     bar = tqdm(total=len(kept), initial=stats.already_done, desc="Self-distilling", unit="conv", disable=not progress)
     for b, batch in enumerate(plan):
         todo = [p for p in batch if p.id not in done]
@@ -387,6 +400,7 @@ def self_distill(
         replies: List[List[str]] = [[] for _ in batch]
         reasons: List[List[str]] = [[] for _ in batch]
         n_tokens: List[List[int]] = [[] for _ in batch]
+        saved: List[Tuple[Tuple[str, int], Any, List[int], int]] = []  # (id, turn), hidden, tokens, prompt's last
         for turn in range(max(len(p.user_turns) for p in batch)):
             rows = [i for i, p in enumerate(batch) if len(replies[i]) == turn and turn < len(p.user_turns)]
             inputs = []
@@ -410,8 +424,12 @@ def self_distill(
                 seed=derive_seed(batch_seed, turn) if turn else batch_seed,
                 max_cache_len=max_prompt_len + max_new_tokens,
                 compile=compile,
+                return_hidden=save_hidden,
             )
             stats.generation_time_s += time.perf_counter() - t0
+            if save_hidden:
+                for i, ids, toks, hidden in zip(rows, inputs, result.tokens, result.hidden):
+                    saved.append(((batch[i].id, turn), hidden, toks, ids[-1]))
             for i, toks, reason in zip(rows, result.tokens, result.stats.stop_reasons):
                 n_tokens[i].append(len(toks))
                 reasons[i].append(reason)
@@ -421,12 +439,18 @@ def self_distill(
                 stats.new_tokens += n_tokens[i][-1]
                 stats.replies += 1
                 stop_reasons[reason] += 1
+        meta = dict(settings, seed=batch_seed)
+        if save_hidden and saved:
+            # before the JSONL lines that point to it: a line in the file always has its hidden states
+            meta["hidden_file"] = batch_file_name(index + b * num_shards)
+            entries, hidden, toks, last = zip(*saved)
+            path = hidden_states_dir(output_file) / meta["hidden_file"]
+            save_hidden_batch(path, entries, hidden, toks, last, fingerprint=fingerprint)
         lines = []
         for i, p in enumerate(batch):
             if p.id in done or not replies[i]:
                 continue
             p_turns = Prompt(p.id, p.system, p.user_turns[: len(replies[i])])
-            meta = dict(settings, seed=batch_seed)
             lines.append(_record(p_turns, replies[i], reasons[i], n_tokens[i], meta))
         if lines:
             _append(output_file, "".join(lines))

@@ -83,6 +83,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="i/n: this process does every n-th batch from batch i (run n processes with --threads 1 and their own "
         "--output files: on CPU, n one-thread processes beat one n-thread process)",
     )
+    parser.add_argument(
+        "--save-hidden",
+        action="store_true",
+        help="also save the hidden state behind every reply token (next to OUTPUT, in a .hidden/ folder: about "
+        "1.2 KB per token for SmolLM2 in bf16), so that Medusa-1 heads train on them with no second pass over the "
+        "data (dataset._component_=torchtune_medusa.data.self_distilled_hidden_dataset)",
+    )
     args = parser.parse_args(argv)
     check_args(parser, args)
     try:
@@ -122,6 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             model_name=f"SmolLM2-135M-Instruct ({DTYPE_NAMES[dtype]})",
             compile=args.compile == "on",
             shard=shard,
+            save_hidden=args.save_hidden,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -84,10 +84,15 @@ class GenerationOutput:
         tokens (List[List[int]]): new tokens per prompt; the prompt is excluded, a stop token is included when hit
             and nothing follows it.
         stats (GenerationStats): see :class:`GenerationStats`.
+        hidden (Optional[List[torch.Tensor]]): with ``generate(..., return_hidden=True)``, per prompt the normed
+            final hidden state that produced each new token, ``[len(tokens[i]), d]`` on CPU: row 0 is the prompt's
+            last position, row j the position of new token j - 1 (inference-mode tensors: clone them outside
+            ``torch.inference_mode`` to use them with autograd). None otherwise.
     """
 
     tokens: List[List[int]]
     stats: GenerationStats
+    hidden: Optional[List[torch.Tensor]] = None
 
 
 def _generator(seed: Optional[int], device: torch.device) -> Optional[torch.Generator]:
@@ -138,6 +143,7 @@ def generate(
     seed: Optional[int] = None,
     max_cache_len: Optional[int] = None,
     compile: bool = False,
+    return_hidden: bool = False,
 ) -> GenerationOutput:
     """Plain autoregressive decoding with torchtune's KV cache, batched over prompts of different lengths.
 
@@ -159,9 +165,12 @@ def generate(
             with ``stop_reason == "cache_full"`` and a warning.
         compile (bool): run the decoding forward through ``torch.compile`` (the same compiled forward
             :func:`medusa_generate` uses; the first call per batch size compiles). Default False.
+        return_hidden (bool): also return the hidden state behind every new token (``GenerationOutput.hidden``):
+            what Medusa heads see at those positions, kept as the decoding computed it (self-distillation saves it
+            so that head training needs no second pass over the data). Default False.
 
     Returns:
-        GenerationOutput: tokens and :class:`GenerationStats`.
+        GenerationOutput: tokens, :class:`GenerationStats` and, with ``return_hidden``, hidden states.
 
     Raises:
         ValueError: on empty prompts, a negative ``max_new_tokens``, or a prompt that does not fit the cache.
@@ -199,8 +208,9 @@ def generate(
     with decoding_scope(model, batch_size=b, cache_len=cache_len):
         _sync(device)
         t0 = time.perf_counter()
-        _, logits = fns.prefill(tokens, mask, input_pos, select=torch.tensor([p_max - 1], device=device))
+        hidden, logits = fns.prefill(tokens, mask, input_pos, select=torch.tensor([p_max - 1], device=device))
         nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, generator=gen)
+        hidden_steps = [hidden[:, -1].cpu()] if return_hidden else None
         slot = p_max
         first = True
         while True:
@@ -227,8 +237,11 @@ def generate(
                 reasons = [r or "cache_full" for r in reasons]
                 break
             valid[:, slot] = True
-            _, logits = fns.forward(nxt[:, None], valid[:, None, :].clone(), next_pos[:, None])
+            width = fns.mask_width(slot + 1, cache_len)
+            hidden, logits = fns.forward(nxt[:, None], valid[:, None, :width].clone(), next_pos[:, None])
             nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, generator=gen)
+            if hidden_steps is not None:
+                hidden_steps.append(hidden[:, -1].cpu())
             next_pos += 1
             slot += 1
             stats.steps += 1
@@ -239,7 +252,11 @@ def generate(
     stats.new_tokens = sum(len(o) for o in out)
     stats.tokens_per_second = stats.new_tokens / max(stats.total_time_s, 1e-9)
     stats.stop_reasons = [r or "max_new_tokens" for r in reasons]
-    return GenerationOutput(out, stats)
+    hidden_out = None
+    if hidden_steps is not None:
+        stacked = torch.stack(hidden_steps, dim=1)  # [b, steps + 1, d]
+        hidden_out = [stacked[i, : len(o)].clone() for i, o in enumerate(out)]
+    return GenerationOutput(out, stats, hidden_out)
 
 
 @torch.inference_mode()

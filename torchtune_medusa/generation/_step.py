@@ -106,6 +106,14 @@ class StepFunctions:
         logits = z @ weights.transpose(-1, -2) if weights.dim() == 2 else z @ weights[:depth].transpose(-1, -2)
         return self.proposal_vocab[torch.topk(logits, topk, dim=-1).indices.flatten()]
 
+    def mask_width(self, filled: int, cache_len: int) -> int:
+        """Cache slots a step's mask must cover when ``filled`` slots hold tokens (the new ones included): eager
+        steps under the decoding attention attend over those only (:func:`_gqa_attention_forward` cuts the cache to
+        the mask's width); compiled steps keep the static ``cache_len``, and so does torchtune's own attention."""
+        if self.compiled or not (USE_FAST_ATTENTION and _all_attention_plain(self.model)):
+            return cache_len
+        return min(filled, cache_len)
+
     def forward(self, tokens, mask, input_pos) -> Tuple[torch.Tensor, torch.Tensor]:
         """The new tokens of one step through the KV cache: ``(hidden [b, s, d], base logits [b, s, v])``."""
         return self._forward(tokens, mask, input_pos)
@@ -246,6 +254,8 @@ def _gqa_attention_forward(self: MultiHeadAttention, x, y=None, *, mask=None, in
         k = self.k_norm(k)
     cache_dtype = self.kv_cache.k_cache.dtype
     k, v = self.kv_cache.update(k.to(cache_dtype), v.to(cache_dtype))
+    if mask is not None and mask.size(-1) < k.size(2):  # the caller masks only the slots filled so far
+        k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
     out = F.scaled_dot_product_attention(
         q.float(),
         k.float(),
@@ -311,12 +321,17 @@ class _ReturnHidden:
             self.model.set_return_hidden(bool(self.prev))
 
 
+def _all_attention_plain(model: nn.Module) -> bool:
+    """Whether every attention layer is plain causal self-attention (what :func:`fast_attention` switches)."""
+    attentions = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    return bool(attentions) and all(type(m) is MultiHeadAttention and m.is_causal for m in attentions)
+
+
 def _attention_cache_dtype(model: nn.Module) -> torch.dtype:
     """fp32 when every cached attention layer runs :func:`_gqa_attention_forward` (which attends in fp32): casting
     each new key/value once beats casting the whole cache at every step (at batch 32 that cast cost more than the
     model's matmuls). Otherwise the model's dtype, which torchtune's own attention expects."""
-    attentions = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
-    if USE_FAST_ATTENTION and attentions and all(type(m) is MultiHeadAttention and m.is_causal for m in attentions):
+    if USE_FAST_ATTENTION and _all_attention_plain(model):
         return torch.float32
     return _cache_dtype(model)
 
@@ -386,7 +401,8 @@ def start_decoding(fns: StepFunctions, prompt: torch.Tensor, cache_len: int, acc
 
 
 def tree_mask(tree: TreeBuffers, length: int, cache_len: int) -> torch.Tensor:
-    """``[1, T, cache_len]``: every tree node sees the committed prefix and its own ancestors."""
+    """``[1, T, cache_len]``: every tree node sees the committed prefix and its own ancestors (``cache_len``: the
+    slots the mask covers, at least ``length + T``)."""
     t = tree.num_nodes
     device = tree.attn_mask.device
     mask = torch.zeros(1, t, cache_len, dtype=torch.bool, device=device)
@@ -425,7 +441,7 @@ def tree_step(
     length = state.length
     cand = torch.cat([state.root.view(1), fns.propose(state.hidden, tree.max_depth, acceptance.topk)])
     tree_tokens = cand[tree.tree_indices]  # [T]
-    mask = tree_mask(tree, length, state.cache_len)
+    mask = tree_mask(tree, length, fns.mask_width(length + tree.num_nodes, state.cache_len))
     hidden, logits = fns.forward(tree_tokens[None], mask, (tree.depth + length)[None])
     hidden, logits = hidden[0], logits[0]  # [T, d], [T, v]
     temperature, gen = acceptance.temperature, acceptance.generator

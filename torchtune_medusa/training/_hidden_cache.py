@@ -16,7 +16,14 @@ from torch.utils.data import Dataset
 from torchtune import utils
 from tqdm import tqdm
 
-__all__ = ["HiddenStateCache", "IndexedDataset", "fill_hidden_state_cache", "indexed_collate"]
+__all__ = [
+    "HiddenStateCache",
+    "IndexedDataset",
+    "fill_hidden_state_cache",
+    "indexed_collate",
+    "load_saved_hidden_states",
+    "saved_hidden_states",
+]
 
 log = utils.get_logger("INFO")
 
@@ -232,6 +239,61 @@ def fill_hidden_state_cache(
     utils.log_rank_zero(
         log,
         f"Cached the hidden states of {len(cache)} samples ({cache.nbytes / 2**20:.1f} MiB) in "
+        f"{time.perf_counter() - t0:.1f}s",
+    )
+    return cache
+
+
+def saved_hidden_states(dataset: Dataset) -> Optional[Dataset]:
+    """The data set under ``dataset`` (an :class:`IndexedDataset`) when it carries saved hidden states
+    (:class:`~torchtune_medusa.data.SelfDistilledHiddenStates`), else None."""
+    inner = getattr(dataset, "dataset", dataset)
+    return inner if callable(getattr(inner, "hidden_state", None)) else None
+
+
+def load_saved_hidden_states(
+    dataset: Dataset, *, model: torch.nn.Module, dtype: torch.dtype, store_device: torch.device
+) -> HiddenStateCache:
+    """A cache holding the hidden states that self-distillation saved with ``dataset``'s replies (no backbone pass),
+    and, for greedy replies, their tokens as the base model's greedy targets (``head_targets: base_greedy``).
+
+    Args:
+        dataset (Dataset): an :class:`IndexedDataset` over a :class:`~torchtune_medusa.data.SelfDistilledHiddenStates`.
+        model (torch.nn.Module): the model being trained: its backbone must be the one that decoded the replies.
+        dtype (torch.dtype): the cache dtype (the training dtype).
+        store_device (torch.device): where the cache is kept.
+
+    Returns:
+        HiddenStateCache: every sample's states.
+
+    Raises:
+        ValueError: states of another backbone (weights fingerprint) or hidden size.
+    """
+    from torchtune_medusa.data import weights_fingerprint
+
+    saved = saved_hidden_states(dataset)
+    fingerprint = weights_fingerprint(model)
+    if saved.fingerprint != fingerprint:
+        raise ValueError(
+            f"the dataset's hidden states were computed by other weights (fingerprint {saved.fingerprint}) than this "
+            f"run's backbone ({fingerprint}): self-distil again with this checkpoint (self_distill --save-hidden "
+            "--model-dir <checkpoint_dir>), or point checkpointer.checkpoint_dir at the model that wrote them"
+        )
+    dim = getattr(getattr(model, "norm", None), "scale", None)
+    if dim is not None and saved.hidden_state(0).size(-1) != dim.shape[-1]:
+        raise ValueError(
+            f"the dataset's hidden states have size {saved.hidden_state(0).size(-1)}, the model {dim.shape[-1]}"
+        )
+    t0 = time.perf_counter()
+    cache = HiddenStateCache(max_bytes=0, store_device=store_device)
+    for i in tqdm(range(len(saved)), desc="loading saved hidden states", disable=utils.get_world_size_and_rank()[1]):
+        cache._data[i] = saved.hidden_state(i).to(device=store_device, dtype=dtype)
+        if saved.greedy_targets:  # greedy replies: token j is the base model's greedy pick after position j
+            cache._greedy[i] = torch.tensor(saved[i]["labels"][1:] + [0], dtype=torch.int32)
+    cache.max_bytes = cache.nbytes
+    utils.log_rank_zero(
+        log,
+        f"Loaded the saved hidden states of {len(cache)} samples ({cache.nbytes / 2**20:.1f} MiB) in "
         f"{time.perf_counter() - t0:.1f}s",
     )
     return cache

@@ -210,3 +210,9 @@ def test_recipe_refuses_states_of_other_weights_or_without_the_cache(assets, bas
     cfg.cache_hidden_states = False
     with pytest.raises(ValueError, match="cache_hidden_states=True"):
         run_recipe(cfg)
+    # in a dataset list its samples (no prompt) would get backbone states computed from the wrong tokens
+    cfg = _hidden_cfg(assets, tmp_path / "run3", data)
+    chat = {"_component_": "torchtune_medusa.data.medusa_chat_dataset", "data_files": str(assets["prompts"])}
+    cfg.dataset = [dict(cfg.dataset), chat]
+    with pytest.raises(ValueError, match="mixes self_distilled_hidden_dataset"):
+        run_recipe(cfg)

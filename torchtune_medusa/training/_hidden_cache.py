@@ -248,7 +248,17 @@ def saved_hidden_states(dataset: Dataset) -> Optional[Dataset]:
     """The data set under ``dataset`` (an :class:`IndexedDataset`) when it carries saved hidden states
     (:class:`~torchtune_medusa.data.SelfDistilledHiddenStates`), else None."""
     inner = getattr(dataset, "dataset", dataset)
-    return inner if callable(getattr(inner, "hidden_state", None)) else None
+    if callable(getattr(inner, "hidden_state", None)):
+        return inner
+    parts = getattr(inner, "_datasets", None)  # torchtune's ConcatDataset (a `dataset` list in the config)
+    if parts is not None and any(callable(getattr(d, "hidden_state", None)) for d in parts):
+        # its samples hold no prompt: computing their states with the backbone would silently train on garbage
+        raise ValueError(
+            "the dataset list mixes self_distilled_hidden_dataset with other data sets, which is not supported: "
+            "train on the saved hidden states alone (one self_distilled_hidden_dataset with every file in "
+            "data_files), or on the replies' text with torchtune_medusa.data.medusa_chat_dataset"
+        )
+    return None
 
 
 def load_saved_hidden_states(

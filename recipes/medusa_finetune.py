@@ -265,13 +265,18 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         self._setup_validation(cfg)
         self._profiler = self._setup_profiler(cfg.get(PROFILER_KEY, None))
 
-        if saved_hidden_states(self._dataset) is not None and not (self._cache_hidden and self._medusa_version == 1):
+        saved = saved_hidden_states(self._dataset)
+        if saved is not None and not (self._cache_hidden and self._medusa_version == 1):
             raise ValueError(
                 f"{cfg.dataset._component_} holds saved hidden states, which only train Medusa-1 heads from the "
                 "hidden-state cache: set medusa_version=1 and cache_hidden_states=True, or train on the replies' text "
                 "with torchtune_medusa.data.medusa_chat_dataset"
             )
-        if self._cache_hidden:
+        if saved is not None:
+            self._hidden_cache = load_saved_hidden_states(
+                saved, model=self._model, dtype=self._dtype, store_device=self._hidden_store_device(cfg)
+            )
+        elif self._cache_hidden:
             self._fill_hidden_cache(cfg, batch_size=cfg.batch_size)
 
     def _build_meta_model(self, cfg: DictConfig) -> nn.Module:
@@ -444,11 +449,6 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             return self._model.project(hidden, head)
 
     def _fill_hidden_cache(self, cfg: DictConfig, batch_size: int) -> None:
-        if saved_hidden_states(self._dataset) is not None:
-            self._hidden_cache = load_saved_hidden_states(
-                self._dataset, model=self._model, dtype=self._dtype, store_device=self._hidden_store_device(cfg)
-            )
-            return
         self._hidden_cache = fill_hidden_state_cache(
             self._dataset,
             dim=self._model.norm.scale.shape[-1] if hasattr(self._model.norm, "scale") else None,

@@ -153,12 +153,13 @@ class SelfDistilledHiddenStates(Dataset):
         if not jsonl.is_file():
             raise FileNotFoundError(f"self_distilled_hidden_dataset: {jsonl} does not exist")
         folder = hidden_states_dir(jsonl)
-        wanted: Dict[str, List[str]] = {}  # batch file -> ids, in JSONL order
+        wanted: Dict[str, set] = {}  # batch file -> the ids the JSONL records in it
         with open(jsonl, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                meta = json.loads(line).get("self_distill") or {}
+                record = json.loads(line)
+                meta = record.get("self_distill") or {}
                 if "hidden_file" not in meta:
                     raise ValueError(
                         f"self_distilled_hidden_dataset: {jsonl} line {line_no} has no saved hidden states; write the "
@@ -166,7 +167,7 @@ class SelfDistilledHiddenStates(Dataset):
                         "train on it with torchtune_medusa.data.medusa_chat_dataset"
                     )
                 self.temperatures.add(float(meta.get("temperature", 0.0)))
-                wanted.setdefault(meta["hidden_file"], []).append(json.loads(line)["id"])
+                wanted.setdefault(meta["hidden_file"], set()).add(record["id"])
         for name, ids in wanted.items():
             path = folder / name
             if not path.is_file():
@@ -182,9 +183,8 @@ class SelfDistilledHiddenStates(Dataset):
                 raise ValueError(f"self_distilled_hidden_dataset: {path} is not a self-distillation hidden-state file")
             self.fingerprints.add(meta["fingerprint"])
             self.dtypes.add(meta["dtype"])
-            keep = set(ids)
             for k, (cid, _turn) in enumerate(json.loads(meta["entries"])):
-                if cid in keep:
+                if cid in ids:
                     a, b = offsets[k], offsets[k + 1]
                     if b > a:
                         self._samples.append((hidden[a:b], tokens[a:b], int(prompt_last[k])))

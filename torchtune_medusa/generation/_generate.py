@@ -210,7 +210,7 @@ def generate(
         t0 = time.perf_counter()
         hidden, logits = fns.prefill(tokens, mask, input_pos, select=torch.tensor([p_max - 1], device=device))
         nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, generator=gen)
-        hidden_steps = [hidden[:, -1].cpu()] if return_hidden else None
+        hidden_steps = [hidden[:, -1]] if return_hidden else None  # moved to the host once, at the end
         slot = p_max
         first = True
         while True:
@@ -241,7 +241,7 @@ def generate(
             hidden, logits = fns.forward(nxt[:, None], valid[:, None, :width].clone(), next_pos[:, None])
             nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, generator=gen)
             if hidden_steps is not None:
-                hidden_steps.append(hidden[:, -1].cpu())
+                hidden_steps.append(hidden[:, -1])
             next_pos += 1
             slot += 1
             stats.steps += 1
@@ -254,7 +254,7 @@ def generate(
     stats.stop_reasons = [r or "max_new_tokens" for r in reasons]
     hidden_out = None
     if hidden_steps is not None:
-        stacked = torch.stack(hidden_steps, dim=1)  # [b, steps + 1, d]
+        stacked = torch.stack(hidden_steps, dim=1).cpu()  # [b, steps + 1, d]
         hidden_out = [stacked[i, : len(o)].clone() for i, o in enumerate(out)]
     return GenerationOutput(out, stats, hidden_out)
 

@@ -72,6 +72,7 @@ class StepFunctions:
             model.set_return_hidden(True)
         self.model = model
         self.compiled = compile
+        self._plain_attention = _all_attention_plain(model)  # checked once, not at every step
         token_map = getattr(model, "medusa_token_map", None)
         if proposal_vocab is not None and token_map is not None:
             raise ValueError(
@@ -110,7 +111,7 @@ class StepFunctions:
         """Cache slots a step's mask must cover when ``filled`` slots hold tokens (the new ones included): eager
         steps under the decoding attention attend over those only (:func:`_gqa_attention_forward` cuts the cache to
         the mask's width); compiled steps keep the static ``cache_len``, and so does torchtune's own attention."""
-        if self.compiled or not (USE_FAST_ATTENTION and _all_attention_plain(self.model)):
+        if self.compiled or not (USE_FAST_ATTENTION and self._plain_attention):
             return cache_len
         return min(filled, cache_len)
 

@@ -262,13 +262,14 @@ def saved_hidden_states(dataset: Dataset) -> Optional[Dataset]:
 
 
 def load_saved_hidden_states(
-    dataset: Dataset, *, model: torch.nn.Module, dtype: torch.dtype, store_device: torch.device
+    saved: Dataset, *, model: torch.nn.Module, dtype: torch.dtype, store_device: torch.device
 ) -> HiddenStateCache:
-    """A cache holding the hidden states that self-distillation saved with ``dataset``'s replies (no backbone pass),
+    """A cache holding the hidden states that self-distillation saved with ``saved``'s replies (no backbone pass),
     and, for greedy replies, their tokens as the base model's greedy targets (``head_targets: base_greedy``).
 
     Args:
-        dataset (Dataset): an :class:`IndexedDataset` over a :class:`~torchtune_medusa.data.SelfDistilledHiddenStates`.
+        saved (Dataset): the training :class:`~torchtune_medusa.data.SelfDistilledHiddenStates` (as
+            :func:`saved_hidden_states` finds it; its sample indices are the training indices).
         model (torch.nn.Module): the model being trained: its backbone must be the one that decoded the replies.
         dtype (torch.dtype): the cache dtype (the training dtype).
         store_device (torch.device): where the cache is kept.
@@ -281,7 +282,6 @@ def load_saved_hidden_states(
     """
     from torchtune_medusa.data import weights_fingerprint
 
-    saved = saved_hidden_states(dataset)
     fingerprint = weights_fingerprint(model)
     if saved.fingerprint != fingerprint:
         raise ValueError(

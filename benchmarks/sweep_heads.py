@@ -128,6 +128,11 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", default="3e-3,1e-2")
     parser.add_argument("--loss", default="ce", help="comma-separated: ce (greedy targets) and/or kl (distribution)")
     parser.add_argument("--layers", default="1,2")
+    parser.add_argument(
+        "--head-type",
+        default="medusa",
+        help="comma-separated: medusa and/or hydra (head k also reads the k tokens before its target)",
+    )
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -172,13 +177,19 @@ def main(argv=None) -> int:
     losses = args.loss.split(",")
     for name in losses:
         make_loss(name, args.decay)  # a bad name fails before training
+    head_types = args.head_type.split(",")
     grid = itertools.product(
-        mixes, losses, [float(x) for x in args.lr.split(",")], [int(x) for x in args.layers.split(",")]
+        mixes, head_types, losses, [float(x) for x in args.lr.split(",")], [int(x) for x in args.layers.split(",")]
     )
-    for mix, loss_name, lr, layers in grid:
+    for mix, head_type, loss_name, lr, layers in grid:
         data = datasets[mix]
         torch.manual_seed(0)
-        model = medusa_smollm2_135m(medusa_num_heads=args.heads, medusa_num_layers=layers, medusa_projection="shared")
+        model = medusa_smollm2_135m(
+            medusa_num_heads=args.heads,
+            medusa_num_layers=layers,
+            medusa_projection="shared",
+            medusa_head_type=head_type,
+        )
         model = model.to(DTYPES[args.dtype])
         model.load_state_dict(base_sd, strict=False)
         model.set_medusa_token_map(token_map)
@@ -206,7 +217,7 @@ def main(argv=None) -> int:
             top1 = evaluate(model, score_fn, heldout_data, args.batch_size)
             curve.append({"epoch": epoch + 1, "heldout_top1": top1})
             print(
-                f"sharegpt +{mix} ({trained_tokens[mix]} tokens) {loss_name} lr {lr:g} layers {layers} "
+                f"sharegpt +{mix} ({trained_tokens[mix]} tokens) {head_type} {loss_name} lr {lr:g} layers {layers} "
                 f"epoch {epoch + 1}: "
                 "held-out top-1 " + " ".join(f"{a:.3f}" for a in top1),
                 flush=True,
@@ -214,6 +225,7 @@ def main(argv=None) -> int:
         results.append(
             {
                 "mix_sharegpt_rows": mix,
+                "head_type": head_type,
                 "loss": loss_name,
                 "trained_tokens": trained_tokens[mix],
                 "lr": lr,
@@ -224,8 +236,8 @@ def main(argv=None) -> int:
         )
     best = max(results, key=lambda r: max(c["heldout_top1"][0] for c in r["curve"]))
     print(
-        f"\nbest head-1: sharegpt +{best['mix_sharegpt_rows']}, {best['loss']}, lr {best['lr']:g}, "
-        f"layers {best['layers']}"
+        f"\nbest head-1: sharegpt +{best['mix_sharegpt_rows']}, {best['head_type']}, {best['loss']}, "
+        f"lr {best['lr']:g}, layers {best['layers']}"
     )
     summary = {
         "self_distilled_samples": len(train_data),

@@ -437,12 +437,15 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         chunks = max(1, getattr(self._loss_fn, "num_output_chunks", 8))
         return torch.cat([self._project_outside_forward(h, 0).argmax(-1) for h in hidden.chunk(chunks, dim=1)], dim=1)
 
-    def _project_outside_forward(self, hidden: torch.Tensor, head: int) -> torch.Tensor:
-        """``model.project`` for callers outside the training loss (validation): a tied output under FSDP needs
-        the root unit's parameters gathered (the loop reshards them afterwards)."""
-        if head == 0:
+    def _project_outside_forward(
+        self, hidden: torch.Tensor, head: int, prev_tokens: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """``model.project`` for callers outside the training loss (validation): a tied output, or the token
+        embedding that Hydra heads read, under FSDP needs the root unit's parameters gathered (the loop reshards
+        them afterwards)."""
+        if head == 0 or prev_tokens is not None:
             self._root_params.gather()
-        return self._model.project(hidden, head)
+        return self._model.project(hidden, head, prev_tokens)
 
     def _teacher_project(self, hidden: torch.Tensor, head: int) -> torch.Tensor:
         with disable_adapter(self._model):
@@ -503,11 +506,18 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 teacher_hidden,
                 teacher_project,
                 num_heads=self._model.num_medusa_heads,
+                **self._hydra_tokens(batch),
             )
         else:
             self._root_params.gather()  # a tied output reads the root unit's embedding in the loss (see RootParameters)
-            out = self._loss_fn(hidden, labels, self._model.project, num_heads=self._model.num_medusa_heads)
+            out = self._loss_fn(
+                hidden, labels, self._model.project, num_heads=self._model.num_medusa_heads, **self._hydra_tokens(batch)
+            )
         return out, labels
+
+    def _hydra_tokens(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Hydra heads read the input tokens after each position (the loss's ``tokens``); Medusa heads nothing."""
+        return {"tokens": batch["tokens"]} if self._model.medusa_head_type == "hydra" else {}
 
     # ------------------------------------------------------------------------------------------------------
     # Training state (resume).
@@ -586,6 +596,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 device=self._device,
                 world_size=self.world_size,
                 token_map=self._model.medusa_token_map,
+                head_type=self._model.medusa_head_type,
             )
             self._root_params.release()
             metrics.update(res["metrics"])

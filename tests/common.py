@@ -22,6 +22,7 @@ def tiny_medusa(
     tied: bool = False,
     seed: int = 0,
     randomize_heads: bool = True,
+    head_type: str = "medusa",
 ) -> MedusaTransformerDecoder:
     """A 2-layer Llama (llama3_1, or smollm2-style with a tied output when ``tied``) with random weights and
     ``num_heads`` Medusa heads. With ``randomize_heads`` the residual weights are random too (not zero), so
@@ -37,6 +38,7 @@ def tiny_medusa(
         vocab_size=TINY["vocab_size"],
         num_layers=num_layers,
         own_projection=own_projection,
+        head_type=head_type,
     )
     model = MedusaTransformerDecoder.from_decoder(base, heads)
     if randomize_heads:

@@ -43,10 +43,10 @@ def model():
 
 
 @functools.cache
-def train_tiny_heads(num_heads: int = 3, steps: int = 300):
+def train_tiny_heads(num_heads: int = 3, steps: int = 300, head_type: str = "medusa"):
     """Tiny model whose heads were trained on the base model's own greedy continuations, so that they are right
     often but not always (acceptance > 1 and rejections both happen). Also returns the training sequences."""
-    m = tiny_medusa(num_heads=num_heads, seed=1, randomize_heads=False)
+    m = tiny_medusa(num_heads=num_heads, seed=1, randomize_heads=False, head_type=head_type)
     prompts = _prompts(48, seed=123, lo=2, hi=6)
     outs = generate(m, prompts, max_new_tokens=40).tokens  # batched: the data generator's usage
     data = torch.tensor([(p + o)[:42] for p, o in zip(prompts, outs)])
@@ -58,7 +58,8 @@ def train_tiny_heads(num_heads: int = 3, steps: int = 300):
     for _ in range(steps):
         loss = 0.0
         for j in range(1, num_heads + 1):
-            logits = m.project(h[:, : -(j + 1)], j)
+            prev = torch.stack([data[:, 1 + i : data.size(1) - j + i] for i in range(j)], dim=-1)  # Hydra reads
+            logits = m.project(h[:, : -(j + 1)], j, prev)
             loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), data[:, j + 1 :].flatten())
         opt.zero_grad()
         loss.backward()

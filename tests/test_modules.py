@@ -26,6 +26,7 @@ def _init_heads_like_checkpointer(model, *, zero_bias=False):
     ckpt.medusa_num_heads = model.num_medusa_heads
     ckpt.medusa_num_layers = model.medusa_heads[0].num_layers
     ckpt.medusa_projection = "own" if model.medusa_heads[0].projection is not None else "shared"
+    ckpt.medusa_head_type = model.medusa_head_type
     out = model.output
     base_w = out.weight if hasattr(out, "weight") else out.tied_module.weight
     heads = ckpt.init_heads(base_w.detach())
@@ -37,11 +38,18 @@ def _init_heads_like_checkpointer(model, *, zero_bias=False):
 @pytest.mark.parametrize("builder", ["llama3_1", "smollm2"])
 @pytest.mark.parametrize("projection", ["own", "shared"])
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_heads_at_init_reproduce_base(builder, projection, num_layers):
+@pytest.mark.parametrize("head_type", ["medusa", "hydra"])
+def test_heads_at_init_reproduce_base(builder, projection, num_layers, head_type):
     torch.manual_seed(0)
     build = medusa_llama3_1 if builder == "llama3_1" else medusa_smollm2
     kwargs = dict(ARCH) if builder == "llama3_1" else dict(ARCH, rope_base=10_000)
-    model = build(**kwargs, medusa_num_heads=3, medusa_num_layers=num_layers, medusa_projection=projection).eval()
+    model = build(
+        **kwargs,
+        medusa_num_heads=3,
+        medusa_num_layers=num_layers,
+        medusa_projection=projection,
+        medusa_head_type=head_type,
+    ).eval()
     tokens = torch.randint(0, TINY["vocab_size"], (2, 10))
     _init_heads_like_checkpointer(model, zero_bias=True)
     with torch.no_grad():

@@ -264,6 +264,7 @@ def load_hf_medusa(
     medusa_num_heads: int,
     medusa_num_layers: int = 1,
     medusa_projection: str = "own",
+    medusa_head_type: str = "medusa",
     heads_dir: Union[None, str, Path] = None,
     device: Union[None, str, torch.device] = None,
     dtype: Union[None, str, torch.dtype] = None,
@@ -277,6 +278,7 @@ def load_hf_medusa(
         medusa_num_heads (int): heads K (must match a sidecar).
         medusa_num_layers (int): residual blocks per head. Default 1.
         medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
+        medusa_head_type (str): ``"medusa"`` or ``"hydra"``. Default ``"medusa"``.
         heads_dir (Union[None, str, Path]): a folder holding the sidecar. Default None: ``checkpoint_dir``.
         device (Union[None, str, torch.device]): where the model goes. Default None: CPU.
         dtype (Union[None, str, torch.dtype]): as in :func:`load_medusa`. Default None: float32.
@@ -296,7 +298,10 @@ def load_hf_medusa(
     checkpoint_dir = Path(checkpoint_dir).expanduser()
     hf_config = _read_json(checkpoint_dir / "config.json", HF_CONFIG_FIX)
     head_args = dict(
-        medusa_num_heads=medusa_num_heads, medusa_num_layers=medusa_num_layers, medusa_projection=medusa_projection
+        medusa_num_heads=medusa_num_heads,
+        medusa_num_layers=medusa_num_layers,
+        medusa_projection=medusa_projection,
+        medusa_head_type=medusa_head_type,
     )
     model = _build(hf_config, checkpoint_dir / "config.json", device, dtype, **head_args)  # checks the config first
     with tempfile.TemporaryDirectory() as unused_output_dir:  # loading writes nothing there
@@ -314,8 +319,9 @@ def load_hf_medusa(
 
 
 def head_args_from_config(medusa_config: Dict[str, Any], source: Path) -> Dict[str, Any]:
-    """``medusa_num_heads``/``medusa_num_layers``/``medusa_projection`` of a ``medusa_config.json`` (FasterDecoding's
-    ``version: "2"`` means the shared projection when ``medusa_projection`` is absent).
+    """``medusa_num_heads``/``medusa_num_layers``/``medusa_projection``/``medusa_head_type`` of a
+    ``medusa_config.json`` (FasterDecoding's ``version: "2"`` means the shared projection when ``medusa_projection``
+    is absent).
 
     Raises:
         ValueError: no ``medusa_num_heads`` entry (names ``source``).
@@ -327,6 +333,7 @@ def head_args_from_config(medusa_config: Dict[str, Any], source: Path) -> Dict[s
         medusa_num_heads=int(medusa_config["medusa_num_heads"]),
         medusa_num_layers=int(medusa_config.get("medusa_num_layers", 1)),
         medusa_projection=medusa_config.get("medusa_projection", projection),
+        medusa_head_type=medusa_config.get("medusa_head_type", "medusa"),
     )
 
 

@@ -96,7 +96,9 @@ def measure_head_accuracies(
                 start = max(first - k - 1, 0)
                 if s <= start + k + 1:
                     continue
-                logits = model.project(h[start : s - k - 1], k).float()  # [n, v]
+                # a Hydra head reads the tokens at t+1..t+k (the sequence's own: teacher forcing)
+                before = torch.stack([tokens[0, start + 1 + j : s - k + j] for j in range(k)], dim=-1)
+                logits = model.project(h[start : s - k - 1], k, before).float()  # [n, v]
                 target = tokens[0, start + k + 1 :]
                 head_target = target if index_of is None else to_head_vocab(target, index_of)
                 rank = (logits > logits.gather(-1, head_target.clamp(min=0)[:, None])).sum(-1)  # [n]

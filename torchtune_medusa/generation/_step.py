@@ -83,13 +83,16 @@ class StepFunctions:
             proposal_vocab = token_map  # the shared output's rows of the map, gathered here once, not at every step
         self.proposal_vocab = proposal_vocab
         self._proposal_weights = _proposal_weights(model, proposal_vocab) if proposal_vocab is not None else None
+        self.hydra = getattr(model, "medusa_head_type", "medusa") == "hydra"
         self._forward, self._propose = self._eager_forward, self._eager_propose
+        self._propose_tree = self._eager_propose_tree
         if compile:
             # one graph per (tree size, cache size, batch size): more than dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             options = {"freezing": True} if next(model.parameters()).device.type == "cpu" else None
             self._forward = torch.compile(self._eager_forward, dynamic=False, options=options)
             self._propose = torch.compile(self._eager_propose, dynamic=False, options=options)
+            self._propose_tree = torch.compile(self._eager_propose_tree, dynamic=False, options=options)
 
     def _eager_forward(self, tokens, mask, input_pos) -> Tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model(tokens, mask=mask, input_pos=input_pos)
@@ -102,10 +105,35 @@ class StepFunctions:
             token_map = getattr(self.model, "medusa_token_map", None)
             return ranks if token_map is None else token_map[ranks]
         heads = self.model.medusa_heads[:depth]
-        z = torch.stack([_residual_blocks(head, hidden[None]) for head in heads])  # [depth, 1, d]
+        z = torch.stack([head.trunk(hidden[None]) for head in heads])  # [depth, 1, d]
         weights = self._proposal_weights
         logits = z @ weights.transpose(-1, -2) if weights.dim() == 2 else z @ weights[:depth].transpose(-1, -2)
         return self.proposal_vocab[torch.topk(logits, topk, dim=-1).indices.flatten()]
+
+    def _head_top_tokens(self, head: int, z: torch.Tensor, topk: int) -> torch.Tensor:
+        """Top-``topk`` token ids ``[n, topk]`` of head ``head`` (1-based) from its states ``z [n, d]``."""
+        weights = self._proposal_weights
+        if weights is not None:
+            w = weights if weights.dim() == 2 else weights[head - 1]
+            return self.proposal_vocab[torch.topk(z @ w.transpose(-1, -2), topk, dim=-1).indices]
+        medusa_head = self.model.medusa_heads[head - 1]
+        projection = medusa_head.projection
+        logits = projection(z) if projection is not None else self.model._shared_head_output(z)
+        ranks = torch.topk(logits, topk, dim=-1).indices
+        token_map = getattr(self.model, "medusa_token_map", None)
+        return ranks if token_map is None else token_map[ranks]
+
+    def _eager_propose_tree(self, hidden, root, ancestors, level_parents, parent_slot, rank, level_starts, topk):
+        tokens = root.view(1)
+        for d, parents in enumerate(level_parents, start=1):
+            prev = tokens[ancestors[parents, :d]]  # [P, d]: the path's tokens, the root first
+            z = self.model.medusa_heads[d - 1].trunk(
+                hidden[None].expand(parents.numel(), -1), self.model.prev_token_embeddings(prev)
+            )
+            top = self._head_top_tokens(d, z, topk)  # [P, topk]
+            nodes = slice(level_starts[d], level_starts[d + 1])
+            tokens = torch.cat([tokens, top[parent_slot[nodes], rank[nodes]]])
+        return tokens
 
     def mask_width(self, filled: int, cache_len: int) -> int:
         """Cache slots a step's mask must cover when ``filled`` slots hold tokens (the new ones included): eager
@@ -125,17 +153,34 @@ class StepFunctions:
         return hidden, self.model.project(hidden, 0)
 
     def propose(self, hidden: torch.Tensor, depth: int, topk: int) -> torch.Tensor:
-        """Top-``topk`` token ids of heads ``1..depth`` at one position, ``[depth * topk]``. hidden: ``[d]``."""
+        """Top-``topk`` token ids of heads ``1..depth`` at one position, ``[depth * topk]``. hidden: ``[d]``.
+        Medusa heads only: a Hydra head's candidates depend on the path (:meth:`tree_tokens`)."""
         if depth == 0:
             return hidden.new_empty(0, dtype=torch.long)
+        if self.hydra:
+            raise ValueError("Hydra heads propose per tree path: use StepFunctions.tree_tokens")
         return self._propose(hidden, depth, topk)
 
-
-def _residual_blocks(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A Medusa head without its own vocabulary projection."""
-    for j in range(head.num_layers):
-        x = head[j](x)
-    return x
+    def tree_tokens(self, hidden: torch.Tensor, root: torch.Tensor, tree: TreeBuffers, topk: int) -> torch.Tensor:
+        """The ``[T]`` tokens of ``tree`` below ``root`` (0-dim) at the position whose normed hidden state is
+        ``hidden [d]``: node i carries the rank-``rank[i]`` candidate of head ``depth[i]``. Medusa heads propose
+        once per depth; Hydra head d proposes once per node at depth d - 1 that has children, reading that node's
+        path (the root first)."""
+        if tree.max_depth == 0:
+            return root.view(1)
+        if not self.hydra:
+            cand = torch.cat([root.view(1), self._propose(hidden, tree.max_depth, topk)])
+            return cand[tree.tree_indices]
+        return self._propose_tree(
+            hidden,
+            root,
+            tree.ancestors,
+            tree.level_parents,
+            tree.parent_slot,
+            tree.rank,
+            tree.level_starts,
+            topk,
+        )
 
 
 def _proposal_weights(model: nn.Module, vocab: torch.Tensor) -> torch.Tensor:
@@ -422,7 +467,8 @@ def tree_step(
 ) -> Tuple[int, List[int]]:
     """Verify one tree of candidates and commit the accepted path; ``state`` moves on in place.
 
-    The heads' top-k at the last committed position fill the tree below ``state.root``; the ``T`` tree tokens run
+    The heads' top-k at the last committed position fill the tree below ``state.root`` (Hydra heads: per path,
+    :meth:`StepFunctions.tree_tokens`); the ``T`` tree tokens run
     in one forward at positions ``length + depth`` with a ``[1, T, cache_len]`` mask; the base model's picks decide
     the longest accepted path (greedy exact match, or typical acceptance); that path's K/V rows move to contiguous
     slots (:func:`~torchtune_medusa.generation._kv.evict_to_path`); the pick after its last node is the next root.
@@ -440,8 +486,7 @@ def tree_step(
         the step commits (those plus the bonus token), in order. This is the step's only device-to-host sync.
     """
     length = state.length
-    cand = torch.cat([state.root.view(1), fns.propose(state.hidden, tree.max_depth, acceptance.topk)])
-    tree_tokens = cand[tree.tree_indices]  # [T]
+    tree_tokens = fns.tree_tokens(state.hidden, state.root, tree, acceptance.topk)  # [T]
     mask = tree_mask(tree, length, fns.mask_width(length + tree.num_nodes, state.cache_len))
     hidden, logits = fns.forward(tree_tokens[None], mask, (tree.depth + length)[None])
     hidden, logits = hidden[0], logits[0]  # [T, d], [T, v]

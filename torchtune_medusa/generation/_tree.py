@@ -184,6 +184,14 @@ class TreeBuffers:
         retrieve_indices (torch.Tensor): ``[P, max_depth + 1]`` long, one root-to-leaf path of nodes per leaf;
             padding points at the root (0) and is marked by ``retrieve_valid``.
         retrieve_valid (torch.Tensor): ``[P, max_depth + 1]`` bool, False on padding.
+        ancestors (torch.Tensor): ``[T, max_depth + 1]`` long, ``ancestors[i, d]`` is the node at depth ``d`` on
+            node i's path (``ancestors[i, 0] = 0``; 0 past node i's depth).
+        level_parents (List[torch.Tensor]): per depth ``d = 1..max_depth``, the nodes at depth ``d - 1`` that
+            have children, in node order. Hydra heads propose per parent (their candidates depend on the path).
+        parent_slot (torch.Tensor): ``[T]`` long, node i's parent's index in ``level_parents[depth_i - 1]``.
+        rank (torch.Tensor): ``[T]`` long, node i's rank (the last entry of its path; 0 for the root).
+        level_starts (List[int]): ``max_depth + 2`` offsets: the nodes at depth ``d`` are
+            ``level_starts[d]..level_starts[d + 1] - 1`` (nodes are sorted by depth).
     """
 
     choices: List[Path]
@@ -195,6 +203,11 @@ class TreeBuffers:
     tree_indices: torch.Tensor
     retrieve_indices: torch.Tensor
     retrieve_valid: torch.Tensor
+    ancestors: torch.Tensor
+    level_parents: List[torch.Tensor]
+    parent_slot: torch.Tensor
+    rank: torch.Tensor
+    level_starts: List[int]
 
     @property
     def num_nodes(self) -> int:
@@ -206,8 +219,12 @@ class TreeBuffers:
         return self.retrieve_indices.shape[0]
 
     def to(self, device) -> "TreeBuffers":
-        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
-        return TreeBuffers(**kw)
+        def move(v):
+            if isinstance(v, torch.Tensor):
+                return v.to(device)
+            return [move(x) for x in v] if isinstance(v, list) else v
+
+        return TreeBuffers(**{k: move(v) for k, v in self.__dict__.items()})
 
 
 def build_tree_buffers(
@@ -248,6 +265,21 @@ def build_tree_buffers(
         for d in range(1, len(p)):
             attn_mask[i, index[p[:d]]] = True
     prefixes = {p[:d] for p in paths for d in range(1, len(p))}
+    ancestors = torch.zeros(n, max_depth + 1, dtype=torch.long)
+    rank = torch.zeros(n, dtype=torch.long)
+    parent_slot = torch.zeros(n, dtype=torch.long)
+    level_parents = []
+    for d in range(1, max_depth + 1):
+        parents = [0] if d == 1 else [index[p] for p in paths if len(p) == d - 1 and p in prefixes]
+        slot = {node: j for j, node in enumerate(parents)}
+        for p in paths:
+            if len(p) == d:
+                parent_slot[index[p]] = slot[index[p[:-1]] if d > 1 else 0]
+        level_parents.append(torch.tensor(parents, dtype=torch.long))
+    for p, i in index.items():
+        rank[i] = p[-1]
+        ancestors[i, 1 : len(p) + 1] = torch.tensor([index[p[:d]] for d in range(1, len(p) + 1)])
+    level_starts = [0] + [1 + sum(1 for p in paths if len(p) < d) for d in range(1, max_depth + 2)]
     leaves = [p for p in paths if p not in prefixes]
     rows, valid = [], []
     for leaf in leaves or [()]:
@@ -264,6 +296,11 @@ def build_tree_buffers(
         tree_indices=tree_indices,
         retrieve_indices=torch.tensor(rows, dtype=torch.long),
         retrieve_valid=torch.tensor(valid, dtype=torch.bool),
+        ancestors=ancestors,
+        level_parents=level_parents,
+        parent_slot=parent_slot,
+        rank=rank,
+        level_starts=level_starts,
     )
     return buffers.to(device) if device is not None else buffers
 

@@ -19,6 +19,9 @@ Medusa arguments, shared by every builder:
   ``Linear(embed_dim, vocab_size, bias=False)``, initialised from the base output weights when the checkpoint
   is loaded (FasterDecoding v1, required by TensorRT-LLM and TGI v1); ``"shared"`` reuses the base output layer
   (FasterDecoding v2 / TGI v2; about ``vocab_size / embed_dim`` times fewer head parameters).
+- ``medusa_head_type`` (str, default ``"medusa"``): ``"hydra"`` makes head k also read the embeddings of the k
+  tokens before its target (the base model's next token and the candidates above it on the tree path; Hydra,
+  Ankner et al. 2024). Saved in our head format only: serving engines load plain Medusa heads.
 
 In the LoRA builders the heads are plain trainable modules, never LoRA: the recipe decides what trains
 (``get_adapter_params`` returns only the LoRA parameters; add ``model.medusa_heads.parameters()`` yourself).
@@ -37,17 +40,20 @@ from torchtune.modules.low_precision import FrozenNF4Linear
 from torchtune.modules.peft import DoRALinear, LORA_ATTN_MODULES, LoRALinear
 
 from torchtune_medusa.models._smollm2 import smollm2
-from torchtune_medusa.modules import medusa_heads, MedusaTransformerDecoder
+from torchtune_medusa.modules import MEDUSA_HEAD_TYPES, medusa_heads, MedusaTransformerDecoder
 
 MEDUSA_PROJECTIONS = ("own", "shared")
 
 
-def validate_medusa_args(medusa_num_heads: int, medusa_num_layers: int, medusa_projection: str) -> None:
+def validate_medusa_args(
+    medusa_num_heads: int, medusa_num_layers: int, medusa_projection: str, medusa_head_type: str = "medusa"
+) -> None:
     """Check the Medusa builder arguments.
 
     Raises:
-        ValueError: if ``medusa_num_heads < 1``, ``medusa_num_layers < 0`` or ``medusa_projection`` is not one of
-            ``"own"``, ``"shared"``.
+        ValueError: if ``medusa_num_heads < 1``, ``medusa_num_layers < 0``, ``medusa_projection`` is not one of
+            ``"own"``, ``"shared"``, ``medusa_head_type`` not one of ``"medusa"``, ``"hydra"``, or Hydra heads have
+            no residual block.
     """
     if isinstance(medusa_num_heads, bool) or not isinstance(medusa_num_heads, int) or medusa_num_heads < 1:
         raise ValueError(
@@ -61,6 +67,13 @@ def validate_medusa_args(medusa_num_heads: int, medusa_num_layers: int, medusa_p
             f"medusa_projection must be one of {MEDUSA_PROJECTIONS} ('own': a vocabulary projection per head, "
             f"FasterDecoding v1; 'shared': reuse the base output layer, v2), got {medusa_projection!r}"
         )
+    if medusa_head_type not in MEDUSA_HEAD_TYPES:
+        raise ValueError(
+            f"medusa_head_type must be one of {MEDUSA_HEAD_TYPES} ('medusa': heads read the hidden state; 'hydra': "
+            f"head k also reads the k tokens before its target), got {medusa_head_type!r}"
+        )
+    if medusa_head_type == "hydra" and medusa_num_layers < 1:
+        raise ValueError("Hydra heads read the previous tokens in their first residual block: medusa_num_layers >= 1")
 
 
 def nf4_kwargs(numel: int, block_size: int = 64) -> Dict[str, int]:
@@ -119,6 +132,7 @@ def wrap_with_medusa_heads(
     medusa_num_heads: int = 4,
     medusa_num_layers: int = 1,
     medusa_projection: str = "own",
+    medusa_head_type: str = "medusa",
 ) -> MedusaTransformerDecoder:
     """Add Medusa heads to a built torchtune decoder (no copies of the base modules).
 
@@ -133,6 +147,8 @@ def wrap_with_medusa_heads(
         medusa_num_heads (int): heads K. Default 4.
         medusa_num_layers (int): residual blocks per head. Default 1.
         medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
+        medusa_head_type (str): ``"medusa"`` or ``"hydra"`` (head k also reads the k tokens before its
+            target; see :class:`~torchtune_medusa.modules.MedusaHead`). Default ``"medusa"``.
 
     Returns:
         MedusaTransformerDecoder: the Medusa model.
@@ -140,13 +156,14 @@ def wrap_with_medusa_heads(
     Raises:
         ValueError: on invalid Medusa arguments (see :func:`validate_medusa_args`).
     """
-    validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection)
+    validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection, medusa_head_type)
     heads = medusa_heads(
         num_heads=medusa_num_heads,
         dim=embed_dim,
         vocab_size=vocab_size,
         num_layers=medusa_num_layers,
         own_projection=medusa_projection == "own",
+        head_type=medusa_head_type,
     )
     model = MedusaTransformerDecoder.from_decoder(base, heads)
     for hook in base._state_dict_hooks.values():
@@ -170,6 +187,7 @@ def medusa_llama3_1(
     medusa_num_heads: int = 4,
     medusa_num_layers: int = 1,
     medusa_projection: str = "own",
+    medusa_head_type: str = "medusa",
 ) -> MedusaTransformerDecoder:
     """Llama 3.1 / 3.3 (:func:`torchtune.models.llama3_1.llama3_1`) with Medusa heads.
 
@@ -179,6 +197,8 @@ def medusa_llama3_1(
         medusa_num_heads (int): heads K, ``>= 1``. Default 4.
         medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
         medusa_projection (str): ``"own"`` or ``"shared"`` (see the module docstring). Default ``"own"``.
+        medusa_head_type (str): ``"medusa"`` or ``"hydra"`` (head k also reads the k tokens before its
+            target; see :class:`~torchtune_medusa.modules.MedusaHead`). Default ``"medusa"``.
 
     Returns:
         MedusaTransformerDecoder: the model.
@@ -186,7 +206,7 @@ def medusa_llama3_1(
     Raises:
         ValueError: on invalid Medusa arguments.
     """
-    validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection)
+    validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection, medusa_head_type)
     base = llama3_1(
         vocab_size=vocab_size,
         num_layers=num_layers,
@@ -207,6 +227,7 @@ def medusa_llama3_1(
         medusa_num_heads=medusa_num_heads,
         medusa_num_layers=medusa_num_layers,
         medusa_projection=medusa_projection,
+        medusa_head_type=medusa_head_type,
     )
 
 
@@ -227,6 +248,7 @@ def medusa_llama3_2(
     medusa_num_heads: int = 4,
     medusa_num_layers: int = 1,
     medusa_projection: str = "own",
+    medusa_head_type: str = "medusa",
 ) -> MedusaTransformerDecoder:
     """Llama 3.2 text (:func:`torchtune.models.llama3_2.llama3_2`, tied output by default) with Medusa heads.
 
@@ -240,6 +262,8 @@ def medusa_llama3_2(
         medusa_num_heads (int): heads K, ``>= 1``. Default 4.
         medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
         medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
+        medusa_head_type (str): ``"medusa"`` or ``"hydra"`` (head k also reads the k tokens before its
+            target; see :class:`~torchtune_medusa.modules.MedusaHead`). Default ``"medusa"``.
 
     Returns:
         MedusaTransformerDecoder: the model.
@@ -247,7 +271,7 @@ def medusa_llama3_2(
     Raises:
         ValueError: on invalid Medusa arguments.
     """
-    validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection)
+    validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection, medusa_head_type)
     base = llama3_2(
         vocab_size=vocab_size,
         num_layers=num_layers,
@@ -269,6 +293,7 @@ def medusa_llama3_2(
         medusa_num_heads=medusa_num_heads,
         medusa_num_layers=medusa_num_layers,
         medusa_projection=medusa_projection,
+        medusa_head_type=medusa_head_type,
     )
 
 
@@ -287,6 +312,7 @@ def medusa_smollm2(
     medusa_num_heads: int = 4,
     medusa_num_layers: int = 1,
     medusa_projection: str = "own",
+    medusa_head_type: str = "medusa",
 ) -> MedusaTransformerDecoder:
     """SmolLM2 (:func:`torchtune_medusa.models.smollm2`: Llama blocks, unscaled RoPE, tied output) with Medusa
     heads.
@@ -297,6 +323,8 @@ def medusa_smollm2(
         medusa_num_heads (int): heads K, ``>= 1``. Default 4.
         medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
         medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
+        medusa_head_type (str): ``"medusa"`` or ``"hydra"`` (head k also reads the k tokens before its
+            target; see :class:`~torchtune_medusa.modules.MedusaHead`). Default ``"medusa"``.
 
     Returns:
         MedusaTransformerDecoder: the model.
@@ -304,7 +332,7 @@ def medusa_smollm2(
     Raises:
         ValueError: on invalid Medusa arguments.
     """
-    validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection)
+    validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection, medusa_head_type)
     base = smollm2(
         vocab_size=vocab_size,
         num_layers=num_layers,
@@ -324,6 +352,7 @@ def medusa_smollm2(
         medusa_num_heads=medusa_num_heads,
         medusa_num_layers=medusa_num_layers,
         medusa_projection=medusa_projection,
+        medusa_head_type=medusa_head_type,
     )
 
 
@@ -351,6 +380,7 @@ def lora_medusa_llama3_1(
     medusa_num_heads: int = 4,
     medusa_num_layers: int = 1,
     medusa_projection: str = "own",
+    medusa_head_type: str = "medusa",
 ) -> MedusaTransformerDecoder:
     """Llama 3.1 / 3.3 with LoRA (:func:`torchtune.models.llama3_1.lora_llama3_1`) and Medusa heads.
 
@@ -366,6 +396,8 @@ def lora_medusa_llama3_1(
         medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
         medusa_projection (str): ``"own"`` or ``"shared"``. With ``"shared"`` and ``apply_lora_to_output`` the
             heads are projected through the LoRA output layer. Default ``"own"``.
+        medusa_head_type (str): ``"medusa"`` or ``"hydra"`` (head k also reads the k tokens before its
+            target; see :class:`~torchtune_medusa.modules.MedusaHead`). Default ``"medusa"``.
 
     Returns:
         MedusaTransformerDecoder: the model.
@@ -373,7 +405,7 @@ def lora_medusa_llama3_1(
     Raises:
         ValueError: on invalid Medusa arguments.
     """
-    validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection)
+    validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection, medusa_head_type)
     base = lora_llama3_1(
         lora_attn_modules=list(lora_attn_modules),
         apply_lora_to_mlp=apply_lora_to_mlp,
@@ -404,6 +436,7 @@ def lora_medusa_llama3_1(
         medusa_num_heads=medusa_num_heads,
         medusa_num_layers=medusa_num_layers,
         medusa_projection=medusa_projection,
+        medusa_head_type=medusa_head_type,
     )
 
 
@@ -432,6 +465,7 @@ def lora_medusa_llama3_2(
     medusa_num_heads: int = 4,
     medusa_num_layers: int = 1,
     medusa_projection: str = "own",
+    medusa_head_type: str = "medusa",
 ) -> MedusaTransformerDecoder:
     """Llama 3.2 text with LoRA (:func:`torchtune.models.llama3_2.lora_llama3_2`) and Medusa heads.
 
@@ -444,6 +478,8 @@ def lora_medusa_llama3_2(
         medusa_num_heads (int): heads K, ``>= 1``. Default 4.
         medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
         medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
+        medusa_head_type (str): ``"medusa"`` or ``"hydra"`` (head k also reads the k tokens before its
+            target; see :class:`~torchtune_medusa.modules.MedusaHead`). Default ``"medusa"``.
 
     Returns:
         MedusaTransformerDecoder: the model.
@@ -451,7 +487,7 @@ def lora_medusa_llama3_2(
     Raises:
         ValueError: on invalid Medusa arguments.
     """
-    validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection)
+    validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection, medusa_head_type)
     base = lora_llama3_2(
         lora_attn_modules=list(lora_attn_modules),
         apply_lora_to_mlp=apply_lora_to_mlp,
@@ -483,6 +519,7 @@ def lora_medusa_llama3_2(
         medusa_num_heads=medusa_num_heads,
         medusa_num_layers=medusa_num_layers,
         medusa_projection=medusa_projection,
+        medusa_head_type=medusa_head_type,
     )
 
 
@@ -509,6 +546,7 @@ def lora_medusa_smollm2(
     medusa_num_heads: int = 4,
     medusa_num_layers: int = 1,
     medusa_projection: str = "own",
+    medusa_head_type: str = "medusa",
 ) -> MedusaTransformerDecoder:
     """SmolLM2 with LoRA (torchtune's :func:`~torchtune.models.llama3.lora_llama3` blocks, output tied to the
     token embeddings) and Medusa heads.
@@ -521,6 +559,8 @@ def lora_medusa_smollm2(
         medusa_num_heads (int): heads K, ``>= 1``. Default 4.
         medusa_num_layers (int): residual blocks per head, ``>= 0``. Default 1.
         medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
+        medusa_head_type (str): ``"medusa"`` or ``"hydra"`` (head k also reads the k tokens before its
+            target; see :class:`~torchtune_medusa.modules.MedusaHead`). Default ``"medusa"``.
 
     Returns:
         MedusaTransformerDecoder: the model.
@@ -528,7 +568,7 @@ def lora_medusa_smollm2(
     Raises:
         ValueError: on invalid Medusa arguments or ``apply_lora_to_output=True``.
     """
-    validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection)
+    validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection, medusa_head_type)
     if apply_lora_to_output:
         raise ValueError(
             "apply_lora_to_output is not supported for SmolLM2: its output layer is tied to the token embeddings"
@@ -564,6 +604,7 @@ def lora_medusa_smollm2(
         medusa_num_heads=medusa_num_heads,
         medusa_num_layers=medusa_num_layers,
         medusa_projection=medusa_projection,
+        medusa_head_type=medusa_head_type,
     )
 
 

@@ -109,6 +109,8 @@ class MedusaHeadConfig:
         base_model_name_or_path (Optional[str]): the base model, as FasterDecoding records it.
         truncated_vocab_size (Optional[int]): N when the heads score only the N tokens of a ``token_map`` (vLLM's
             name; own projections then have N rows), None when they score the whole vocabulary.
+        head_type (str): ``"medusa"``, or ``"hydra"`` when head k's first block also reads k token embeddings
+            (weight ``[D, (k + 1) D]``); only the ``torchtune`` format holds Hydra heads.
     """
 
     num_heads: int
@@ -118,6 +120,7 @@ class MedusaHeadConfig:
     projection: str
     base_model_name_or_path: Optional[str] = None
     truncated_vocab_size: Optional[int] = None
+    head_type: str = "medusa"
 
     def fasterdecoding_json(self) -> Dict[str, Any]:
         """FasterDecoding-style config (also read by TGI and TensorRT-LLM)."""
@@ -138,6 +141,8 @@ class MedusaHeadConfig:
         out = {**self.fasterdecoding_json(), "medusa_projection": self.projection}
         if self.truncated_vocab_size is not None:
             out["truncated_vocab_size"] = self.truncated_vocab_size
+        if self.head_type != "medusa":
+            out["medusa_head_type"] = self.head_type
         return out
 
 
@@ -283,6 +288,7 @@ def infer_head_config(
     if sorted(entries) != list(range(num_heads)):
         raise ValueError(f"{source}: head indices must be 0..K-1 without gaps, found {sorted(entries)}")
     layouts = set()
+    head_types = set()
     hidden_size = None
     vocab = vocab_size
     for i, blocks in sorted(entries.items()):
@@ -303,12 +309,22 @@ def infer_head_config(
                 )
             w, b = kinds["linear.weight"], kinds["linear.bias"]
             if hidden_size is None:
-                hidden_size = w.shape[-1]
-            if tuple(w.shape) != (hidden_size, hidden_size) or tuple(b.shape) != (hidden_size,):
+                hidden_size = w.shape[0]
+            # a Hydra head i (0-based) reads i + 1 token embeddings besides the hidden state in its first block
+            inputs = (hidden_size, hidden_size * (i + 2)) if j == 0 else (hidden_size,)
+            if (
+                w.dim() != 2
+                or w.shape[0] != hidden_size
+                or w.shape[1] not in inputs
+                or tuple(b.shape) != (hidden_size,)
+            ):
                 raise ValueError(
                     f"{source}: '{i}.{j}.linear.weight' has shape {tuple(w.shape)} and bias {tuple(b.shape)}; "
                     f"expected ({hidden_size}, {hidden_size}) and ({hidden_size},) (hidden size {hidden_size})"
+                    + (f", or ({hidden_size}, {hidden_size * (i + 2)}) for a Hydra head" if j == 0 else "")
                 )
+            if j == 0:
+                head_types.add("hydra" if w.shape[1] != hidden_size else "medusa")
         if has_proj:
             p = last["weight"]
             if hidden_size is None:
@@ -329,6 +345,8 @@ def infer_head_config(
             "have the same number of blocks and either all or none must have an own projection"
         )
     ((num_layers, has_proj),) = layouts
+    if len(head_types) > 1:
+        raise ValueError(f"{source}: some heads are Hydra heads (their first block reads token embeddings), some not")
     if hidden_size is None:
         raise ValueError(f"{source}: heads have neither blocks nor projections; nothing to convert")
     return MedusaHeadConfig(
@@ -339,6 +357,7 @@ def infer_head_config(
         projection="own" if has_proj else "shared",
         base_model_name_or_path=base_model_name_or_path,
         truncated_vocab_size=None if token_map is None else int(token_map.numel()),
+        head_type=head_types.pop() if head_types else "medusa",
     )
 
 
@@ -441,6 +460,12 @@ def export_heads(
             f"({cfg.vocab_size}, {cfg.hidden_size}) (vocab size, hidden size)"
         )
     K, L = cfg.num_heads, cfg.num_layers
+    if cfg.head_type != "medusa" and fmt != "torchtune":
+        raise ValueError(
+            f"these are {cfg.head_type.capitalize()} heads (head k also reads the k tokens before its target), which "
+            f"format {fmt!r} cannot describe: its loaders build plain Medusa heads. Export as 'torchtune' and decode "
+            "with this package, or train medusa_head_type='medusa' heads for a serving engine"
+        )
     token_map = fd_sd.get(TOKEN_MAP_KEY)
     if token_map is not None and fmt not in ("torchtune", "vllm"):
         raise ValueError(
@@ -643,6 +668,11 @@ def import_heads(
             raise ValueError(
                 f"{cfg_file} says projection {want!r} but {source} holds "
                 f"{'per-head projections' if cfg.projection == 'own' else 'no projections'} ({cfg.projection!r})"
+            )
+        if cfg_json.get("medusa_head_type", "medusa") != cfg.head_type:
+            raise ValueError(
+                f"{cfg_file} says medusa_head_type {cfg_json.get('medusa_head_type', 'medusa')!r} but the first blocks "
+                f"in {source} are {cfg.head_type!r} blocks"
             )
     return {PREFIX + k: v for k, v in fd_sd.items()}, cfg
 

@@ -10,10 +10,17 @@ from torchtune_medusa.modules.loss import (
     MedusaLossOutput,
     MedusaSelfDistillationLoss,
 )
-from torchtune_medusa.modules.medusa_heads import medusa_heads, MedusaHead, MedusaHeadList, MedusaResBlock
+from torchtune_medusa.modules.medusa_heads import (
+    MEDUSA_HEAD_TYPES,
+    medusa_heads,
+    MedusaHead,
+    MedusaHeadList,
+    MedusaResBlock,
+)
 from torchtune_medusa.modules.transformer import MedusaOutput, MedusaTransformerDecoder
 
 __all__ = [
+    "MEDUSA_HEAD_TYPES",
     "MedusaCrossEntropyLoss",
     "MedusaHead",
     "MedusaHeadList",

@@ -16,7 +16,11 @@ Conventions (shared with the recipe):
 - ``labels`` are already shifted for the base head, as torchtune's recipes do: ``labels[:, t]`` is the target of
   the base logits at position ``t``, padded at the end with ``ignore_index``. Head ``k`` (1-based) at position
   ``t`` is scored against ``labels[:, t + k]``, i.e. the token ``k + 1`` steps after position ``t``; positions
-  with ``t + k >= s`` are ignored.
+  with ``t + k >= s`` are ignored. Hydra heads (``model.medusa_head_type == "hydra"``) also read the tokens
+  before their target, teacher-forced: head ``k`` at ``t`` reads the input tokens ``tokens[:, t + 1 : t + k + 1]``
+  (what decoding feeds it along an accepted path). Without ``tokens`` it reads ``labels[:, t : t + k]`` (the same
+  tokens, unless the labels were replaced, e.g. by the base model's greedy picks) and is scored only where those
+  are all non-ignored.
 - The returned loss is ``sum_h w_h * (sum of head h's token losses) / n`` where ``n`` is the number of
   non-ignored base labels. The recipe multiplies it by ``n`` and divides the accumulated sum by the total token
   count, so gradient accumulation over micro-batches and ranks is exact.
@@ -123,6 +127,7 @@ class _Term(NamedTuple):
     targets: torch.Tensor  # [b, n] labels (CE, and the validity mask of KL terms)
     teacher_hidden: Optional[torch.Tensor]  # [b, n, d] teacher rows for KL / teacher_argmax, else None
     kl: bool  # score against the teacher's distribution instead of hard targets
+    prev_tokens: Optional[torch.Tensor] = None  # [b, n, head] tokens a Hydra head reads (labels at t..t+head-1)
 
 
 class _MedusaChunkedLoss(nn.Module):
@@ -221,9 +226,11 @@ class _MedusaChunkedLoss(nn.Module):
         make_term: Callable[[int, float, torch.Tensor, int, int], Optional[_Term]],
         teacher_project: Optional[ProjectFn] = None,
         token_map: Optional[torch.Tensor] = None,
+        tokens: Optional[torch.Tensor] = None,
     ) -> MedusaLossOutput:
         if token_map is None:  # the model's, when given the model or its bound `project`
             token_map = getattr(getattr(project, "__self__", project), "medusa_token_map", None)
+        hydra = getattr(getattr(project, "__self__", project), "medusa_head_type", "medusa") == "hydra"
         project, num_heads = _resolve_project(project, num_heads)
         head_index = _head_index(token_map, hidden.device)
         if hidden.dim() != 3:
@@ -252,6 +259,11 @@ class _MedusaChunkedLoss(nn.Module):
                 if head == 0 and not self.include_base_loss and not self.log_base_metrics:
                     continue
                 term = make_term(head, weights[head], h_chunk[:, : end - start], start, end)
+                if hydra and head > 0:
+                    # Hydra head k at t reads the tokens at t+1..t+k (teacher forcing)
+                    source, shift = (labels, 0) if tokens is None else (tokens, 1)
+                    prev = torch.stack([source[:, start + shift + j : end + shift + j] for j in range(head)], dim=-1)
+                    term = term._replace(prev_tokens=prev)
                 term_loss, *stats = self._term(term, project, teacher_project, head_index if head else None)
                 if term.weight != 0.0:
                     loss = loss + term.weight * term_loss
@@ -296,9 +308,17 @@ class _MedusaChunkedLoss(nn.Module):
         a miss in the accuracy, and a teacher's distribution is restricted to the map."""
         targets = term.targets.reshape(-1)
         # Only scored rows are projected: prompts, padding and the last k positions of head k cost nothing.
-        rows = (targets != self.ignore_index).nonzero().squeeze(-1)
+        scored = targets != self.ignore_index
+        prev = None
+        if term.prev_tokens is not None:  # a Hydra head is scored where it has all the tokens it reads
+            prev = term.prev_tokens.reshape(-1, term.prev_tokens.size(-1))
+            scored = scored & (prev != self.ignore_index).all(-1)
+        rows = scored.nonzero().squeeze(-1)
         targets = targets.index_select(0, rows)
-        logits = project(_rows(term.hidden, rows), term.head)
+        if prev is None:
+            logits = project(_rows(term.hidden, rows), term.head)
+        else:
+            logits = project(_rows(term.hidden, rows), term.head, prev.index_select(0, rows))
         teacher_logits = None
         if term.teacher_hidden is not None:
             with torch.no_grad():
@@ -444,6 +464,7 @@ class MedusaCrossEntropyLoss(_MedusaChunkedLoss):
         project: Union[ProjectFn, nn.Module],
         num_heads: Optional[int] = None,
         token_map: Optional[torch.Tensor] = None,
+        tokens: Optional[torch.Tensor] = None,
     ) -> MedusaLossOutput:
         """
         Args:
@@ -457,6 +478,8 @@ class MedusaCrossEntropyLoss(_MedusaChunkedLoss):
                 ``[..., N]``, see :class:`~torchtune_medusa.modules.MedusaHeadList`); by default the model's, when
                 ``project`` is the model or its ``project``. Targets outside the map count as misses and are left
                 out of the loss.
+            tokens (Optional[torch.Tensor]): ``[b, s]`` input tokens, read by Hydra heads (see the module
+                docstring); ignored for Medusa heads.
 
         Returns:
             MedusaLossOutput: the loss and the per-head metrics.
@@ -469,7 +492,7 @@ class MedusaCrossEntropyLoss(_MedusaChunkedLoss):
         def make_term(head: int, weight: float, h: torch.Tensor, start: int, end: int) -> _Term:
             return _Term(head, weight, h, labels[:, start + head : end + head], None, False)
 
-        return self._run(hidden, labels, project, num_heads, make_term, token_map=token_map)
+        return self._run(hidden, labels, project, num_heads, make_term, token_map=token_map, tokens=tokens)
 
 
 class MedusaSelfDistillationLoss(_MedusaChunkedLoss):
@@ -543,6 +566,7 @@ class MedusaSelfDistillationLoss(_MedusaChunkedLoss):
         teacher_project: ProjectFn,
         num_heads: Optional[int] = None,
         token_map: Optional[torch.Tensor] = None,
+        tokens: Optional[torch.Tensor] = None,
     ) -> MedusaLossOutput:
         """
         Args:
@@ -557,6 +581,8 @@ class MedusaSelfDistillationLoss(_MedusaChunkedLoss):
                 ``[..., N]``, see :class:`~torchtune_medusa.modules.MedusaHeadList`); by default the model's, when
                 ``project`` is the model or its ``project``. Targets outside the map count as misses and are left
                 out of the loss.
+            tokens (Optional[torch.Tensor]): ``[b, s]`` input tokens, read by Hydra heads (see the module
+                docstring); ignored for Medusa heads.
 
         Returns:
             MedusaLossOutput: the loss and the per-head metrics.
@@ -579,4 +605,4 @@ class MedusaSelfDistillationLoss(_MedusaChunkedLoss):
                 return _Term(head, weight, h, labels[:, rows], teacher_hidden[:, rows], kl)
             return _Term(head, weight, h, labels[:, rows], None, False)
 
-        return self._run(hidden, labels, project, num_heads, make_term, teacher_project, token_map)
+        return self._run(hidden, labels, project, num_heads, make_term, teacher_project, token_map, tokens)

@@ -20,7 +20,8 @@ class MedusaOutput(NamedTuple):
             was called, as the base class does).
         medusa_logits: stacked head logits, fp32, shape ``[k, b, s, v]``. ``medusa_logits[k - 1, :, t]`` predicts
             the token at position ``t + k + 1``, i.e. k steps after ``logits[:, t]`` does. With a token map ``v``
-            is its size N (see :attr:`MedusaTransformerDecoder.medusa_token_map`).
+            is its size N (see :attr:`MedusaTransformerDecoder.medusa_token_map`). Hydra heads read the input
+            tokens ``t+1..t+k`` here (teacher forcing).
     """
 
     logits: Union[torch.Tensor, List[torch.Tensor]]
@@ -78,6 +79,7 @@ class MedusaTransformerDecoder(TransformerDecoder):
         )
         self.medusa_heads = medusa_heads
         self.return_hidden = False
+        self._input_tokens: Optional[torch.Tensor] = None
 
     @classmethod
     def from_decoder(cls, decoder: TransformerDecoder, medusa_heads: nn.ModuleList) -> "MedusaTransformerDecoder":
@@ -132,12 +134,25 @@ class MedusaTransformerDecoder(TransformerDecoder):
         """
         self.return_hidden = return_hidden
 
-    def project(self, hidden: torch.Tensor, head: int) -> torch.Tensor:
+    @property
+    def medusa_head_type(self) -> str:
+        """``"hydra"`` when the heads read the tokens before their targets (see
+        :class:`~torchtune_medusa.modules.MedusaHead`), else ``"medusa"``."""
+        return getattr(self.medusa_heads, "head_type", "medusa")
+
+    def prev_token_embeddings(self, prev_tokens: torch.Tensor) -> torch.Tensor:
+        """``[..., k, d]`` input embeddings of ``prev_tokens [..., k]``, what Hydra heads read."""
+        return self.tok_embeddings(prev_tokens)
+
+    def project(self, hidden: torch.Tensor, head: int, prev_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Project a normed hidden state to vocabulary logits, in the model's dtype (no fp32 upcast).
 
         Args:
             hidden (torch.Tensor): normed final hidden state, shape ``[..., d]``.
             head (int): 0 for the backbone's own output layer, ``k`` in ``1..K`` for Medusa head k.
+            prev_tokens (Optional[torch.Tensor]): ``[..., j]`` (``j >= k``) token ids after each position of
+                ``hidden``: ``prev_tokens[..., 0]`` is the base model's next token, ``prev_tokens[..., i]`` the token
+                ``i`` steps later. Hydra head k reads the first k; Medusa heads ignore them.
 
         Returns:
             torch.Tensor: logits with shape ``[..., v]``; for a Medusa head with a token map (see
@@ -145,16 +160,32 @@ class MedusaTransformerDecoder(TransformerDecoder):
 
         Raises:
             IndexError: if ``head`` is not in ``0..K``.
+            ValueError: a Hydra head without enough ``prev_tokens``.
         """
         if head == 0:
             return self.output(hidden)
         if not 1 <= head <= len(self.medusa_heads):
             raise IndexError(f"head must be in 0..{len(self.medusa_heads)} (0 = base output), got {head}")
         medusa_head = self.medusa_heads[head - 1]
-        out = medusa_head(hidden)
+        prev = self._prev_embeddings(medusa_head, prev_tokens)
+        out = medusa_head(hidden, prev)
         return out if medusa_head.projection is not None else self._shared_head_output(out)
 
-    def medusa_logits(self, hidden: torch.Tensor, num_heads: Optional[int] = None) -> torch.Tensor:
+    def _prev_embeddings(self, head: nn.Module, prev_tokens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        k = getattr(head, "num_prev_tokens", 0)
+        if not k:
+            return None
+        if prev_tokens is None or prev_tokens.size(-1) < k:
+            got = None if prev_tokens is None else tuple(prev_tokens.shape)
+            raise ValueError(
+                f"Hydra head {k} reads the {k} tokens before its target: pass prev_tokens [..., >= {k}] (the base "
+                f"model's next token first), got {got}"
+            )
+        return self.prev_token_embeddings(prev_tokens[..., :k])
+
+    def medusa_logits(
+        self, hidden: torch.Tensor, num_heads: Optional[int] = None, prev_tokens: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Logits of the first ``num_heads`` Medusa heads from a normed hidden state.
 
         Heads that share the backbone's output layer are projected together in one matmul, so the ``[v, d]``
@@ -164,6 +195,8 @@ class MedusaTransformerDecoder(TransformerDecoder):
         Args:
             hidden (torch.Tensor): normed final hidden state, shape ``[..., d]``.
             num_heads (Optional[int]): heads ``1..num_heads``; all K when None.
+            prev_tokens (Optional[torch.Tensor]): ``[..., >= num_heads]`` tokens after each position, for Hydra
+                heads (see :meth:`project`).
 
         Returns:
             torch.Tensor: fp32 logits with shape ``[num_heads, ..., v]`` (``v`` = N with a token map, see
@@ -179,8 +212,9 @@ class MedusaTransformerDecoder(TransformerDecoder):
             return torch.empty(0, *hidden.shape[:-1], 0, device=hidden.device, dtype=torch.float32)
         heads = self.medusa_heads[:n]
         if all(head.projection is None for head in heads):
-            return self._shared_head_output(torch.stack([head(hidden) for head in heads])).float()
-        return torch.stack([self.project(hidden, k).float() for k in range(1, n + 1)])
+            states = [head(hidden, self._prev_embeddings(head, prev_tokens)) for head in heads]
+            return self._shared_head_output(torch.stack(states)).float()
+        return torch.stack([self.project(hidden, k, prev_tokens).float() for k in range(1, n + 1)])
 
     def unembed(self, h: torch.Tensor) -> Union[torch.Tensor, MedusaOutput]:
         # shape: [b, s, d]
@@ -188,4 +222,28 @@ class MedusaTransformerDecoder(TransformerDecoder):
         if self.return_hidden:
             return h
         base = super().chunked_output(h) if self.num_output_chunks > 0 else self.output(h).float()
-        return MedusaOutput(logits=base, medusa_logits=self.medusa_logits(h))
+        prev_tokens = None
+        if self._input_tokens is not None:
+            prev_tokens = _next_tokens(self._input_tokens, len(self.medusa_heads))
+        return MedusaOutput(logits=base, medusa_logits=self.medusa_logits(h, prev_tokens=prev_tokens))
+
+    def forward(self, tokens: Optional[torch.Tensor], **kwargs):
+        """As :meth:`torchtune.modules.TransformerDecoder.forward`. In logits mode Hydra heads read the input
+        tokens after each position (teacher forcing), so the tokens are kept for :meth:`unembed`."""
+        if self.return_hidden or self.medusa_head_type != "hydra":
+            return super().forward(tokens, **kwargs)
+        self._input_tokens = tokens
+        try:
+            return super().forward(tokens, **kwargs)
+        finally:
+            self._input_tokens = None
+
+
+def _next_tokens(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """``[b, s, k]``: at position t, the input tokens ``t+1..t+k`` (past the end, the last token repeated: heads
+    there predict beyond the sequence anyway)."""
+    s = tokens.size(1)
+    index = (torch.arange(s, device=tokens.device)[:, None] + torch.arange(1, k + 1, device=tokens.device)).clamp(
+        max=s - 1
+    )
+    return tokens[:, index]

@@ -97,6 +97,8 @@ class MedusaHFCheckpointer(FullModelHFCheckpointer):
         medusa_num_heads (int): heads K of the model. Default 4.
         medusa_num_layers (int): residual blocks per head L. Default 1.
         medusa_projection (str): ``"own"`` or ``"shared"``. Default ``"own"``.
+        medusa_head_type (str): ``"medusa"`` or ``"hydra"`` (head k's first block also reads k token embeddings).
+            Default ``"medusa"``.
         medusa_checkpoint_dir (Optional[str]): a folder holding trained heads (``medusa_lm_head.safetensors``),
             e.g. a Medusa-1 run's epoch folder to start Medusa-2 from. Default None.
         **kwargs: the other base-class arguments (``adapter_checkpoint``, ``recipe_checkpoint``,
@@ -116,10 +118,11 @@ class MedusaHFCheckpointer(FullModelHFCheckpointer):
         medusa_num_heads: int = 4,
         medusa_num_layers: int = 1,
         medusa_projection: str = "own",
+        medusa_head_type: str = "medusa",
         medusa_checkpoint_dir: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
-        validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection)
+        validate_medusa_args(medusa_num_heads, medusa_num_layers, medusa_projection, medusa_head_type)
         super().__init__(
             checkpoint_dir=checkpoint_dir,
             checkpoint_files=checkpoint_files,
@@ -130,6 +133,7 @@ class MedusaHFCheckpointer(FullModelHFCheckpointer):
         self.medusa_num_heads = medusa_num_heads
         self.medusa_num_layers = medusa_num_layers
         self.medusa_projection = medusa_projection
+        self.medusa_head_type = medusa_head_type
         self.medusa_checkpoint_dir = Path(medusa_checkpoint_dir) if medusa_checkpoint_dir else None
         #: where the heads of the last :meth:`load_checkpoint` came from (None: freshly initialised).
         self.medusa_heads_source: Optional[Path] = None
@@ -216,6 +220,11 @@ class MedusaHFCheckpointer(FullModelHFCheckpointer):
                 f"{where} has the {cfg.projection!r} projection layout but medusa_projection="
                 f"{self.medusa_projection!r}; set medusa_projection={cfg.projection!r} (checkpointer and model)"
             )
+        if cfg.head_type != self.medusa_head_type:
+            raise ValueError(
+                f"{where} are {cfg.head_type!r} heads but medusa_head_type={self.medusa_head_type!r}; set "
+                f"medusa_head_type={cfg.head_type!r} (checkpointer and model)"
+            )
         if cfg.hidden_size != dim:
             raise ValueError(
                 f"{where} has hidden size {cfg.hidden_size} but the base model in {self._checkpoint_dir} has {dim}; "
@@ -239,12 +248,14 @@ class MedusaHFCheckpointer(FullModelHFCheckpointer):
         vocab, dim = base_output_weight.shape
         dtype = base_output_weight.dtype
         gen = torch.Generator().manual_seed(HEAD_INIT_SEED)
-        bound = 1.0 / dim**0.5  # nn.Linear's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         heads: Dict[str, torch.Tensor] = {}
         L = self.medusa_num_layers
         for i in range(self.medusa_num_heads):
             for j in range(L):
-                heads[f"{PREFIX}{i}.{j}.linear.weight"] = torch.zeros(dim, dim, dtype=dtype)
+                # a Hydra head i (0-based) also reads i + 1 token embeddings in its first block
+                fan_in = dim * (i + 2) if j == 0 and self.medusa_head_type == "hydra" else dim
+                bound = 1.0 / fan_in**0.5  # nn.Linear's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                heads[f"{PREFIX}{i}.{j}.linear.weight"] = torch.zeros(dim, fan_in, dtype=dtype)
                 bias = torch.empty(dim, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
                 heads[f"{PREFIX}{i}.{j}.linear.bias"] = bias.to(dtype)
             if self.medusa_projection == "own":
@@ -330,10 +341,11 @@ class MedusaHFCheckpointer(FullModelHFCheckpointer):
             base_model_name_or_path=self.repo_id or str(self._checkpoint_dir),
             source="heads to save",
         )
-        if (cfg.num_heads, cfg.num_layers, cfg.projection) != (
+        if (cfg.num_heads, cfg.num_layers, cfg.projection, cfg.head_type) != (
             self.medusa_num_heads,
             self.medusa_num_layers,
             self.medusa_projection,
+            self.medusa_head_type,
         ):
             logger.warning(
                 f"saving {cfg.num_heads} heads x {cfg.num_layers} blocks ({cfg.projection}) although the checkpointer "

@@ -346,6 +346,18 @@ def check_config(cfg: DictConfig) -> None:
     ck_heads = cfg.checkpointer.get("medusa_num_heads", None)
     if want is not None and ck_heads is not None and int(want) != int(ck_heads):
         raise ValueError(f"model.medusa_num_heads={want} but checkpointer.medusa_num_heads={ck_heads}; they must agree")
+    head_type = cfg.model.get("medusa_head_type", "medusa")
+    ck_type = cfg.checkpointer.get("medusa_head_type", "medusa")
+    if head_type != ck_type:
+        raise ValueError(
+            f"model.medusa_head_type={head_type!r} but checkpointer.medusa_head_type={ck_type!r}; they must agree "
+            f"(set checkpointer.medusa_head_type: ${{model.medusa_head_type}})"
+        )
+    if head_type == "hydra" and cfg.get("export_vllm", False):
+        raise ValueError(
+            "export_vllm=True but model.medusa_head_type='hydra': vLLM loads plain Medusa heads only; set "
+            "export_vllm=False, or medusa_head_type='medusa' for heads that vLLM will serve"
+        )
     for d in (cfg.checkpointer.get("medusa_checkpoint_dir", None), ckpt_dir):
         if d is None:
             continue

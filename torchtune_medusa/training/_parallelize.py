@@ -130,7 +130,9 @@ class RootParameters:
 
     def __init__(self, model: nn.Module, *, sharded: bool) -> None:
         self._model = model
-        self.need_gathering = sharded and not isinstance(model.output, nn.Module)
+        # Hydra heads read the token embedding (root unit) in the loss too
+        hydra = getattr(model, "medusa_head_type", "medusa") == "hydra"
+        self.need_gathering = sharded and (hydra or not isinstance(model.output, nn.Module))
 
     def gather(self) -> None:
         """All-gather the root unit's parameters (collective under FSDP: every rank calls it)."""

@@ -88,6 +88,7 @@ def evaluate_heads(
     device: torch.device,
     world_size: int = 1,
     token_map: Optional[torch.Tensor] = None,
+    head_type: str = "medusa",
 ) -> Dict[str, Any]:
     """Teacher-forced per-head metrics on held-out batches.
 
@@ -104,6 +105,8 @@ def evaluate_heads(
         world_size (int): ranks to all-reduce over.
         token_map (Optional[torch.Tensor]): the heads' token map (their logits are over it), or None. Targets
             outside it count as misses, and are left out of the heads' loss.
+        head_type (str): ``"hydra"``: head k at t reads the input tokens ``t+1..t+k`` (teacher forcing, what tree
+            decoding feeds it along an accepted path), passed as ``project(hidden, head, prev_tokens)``.
 
     Returns:
         Dict[str, Any]: ``metrics`` (flat ``val/...`` floats: ``val/loss/{base,head_k}``, ``val/top1/...``,
@@ -136,7 +139,11 @@ def evaluate_heads(
         for head in range(1, k1):
             for start in range(0, seq_len - head, chunk):
                 end = min(seq_len - head, start + chunk)
-                logits = project(hidden[:, start:end], head).float()
+                if head_type == "hydra":
+                    prev = torch.stack([batch["tokens"][:, start + 1 + j : end + 1 + j] for j in range(head)], dim=-1)
+                    logits = project(hidden[:, start:end], head, prev).float()
+                else:
+                    logits = project(hidden[:, start:end], head).float()
                 tgt = labels[:, start + head : end + head]
                 _accumulate(logits, tgt, ignore_index, topk, head, loss_sums, top1, topk_hits, counts, index_of)
                 # agreement with the base model's greedy pick k positions later (what decoding accepts)

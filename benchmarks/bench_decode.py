@@ -317,6 +317,21 @@ def first_divergence(a: List[int], b: List[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+WARM_UP_TOKENS = 4
+
+
+def warm_up_prompts(prompts: List[List[int]], max_new_tokens: int) -> List[List[int]]:
+    """Per timed prompt, a prompt that makes a ``WARM_UP_TOKENS``-token run allocate the KV cache the timed run will:
+    the prompt, repeated up to ``len(prompt) + max_new_tokens - WARM_UP_TOKENS`` tokens. Compiled graphs are per
+    cache size, so warming up on short runs alone would compile the timed runs' graphs inside the timed runs (the
+    baseline's are compiled when its reference outputs are generated, the trees' are not); one per length."""
+    out = {}
+    for p in prompts:
+        length = len(p) + max(max_new_tokens - WARM_UP_TOKENS, 0)
+        out.setdefault(length, (p * (length // len(p) + 1))[:length])
+    return list(out.values())
+
+
 def quality_report(
     reference, model, prompts, tree, *, max_new_tokens, stop, compile, proposal_vocab=None
 ) -> Dict[str, object]:
@@ -548,9 +563,12 @@ def run(args) -> Dict[str, object]:
         trees = {n: trees[n] for n in selected if n in trees}
 
     # Warm-up, then interleaved repeats: baseline and every tree in each round.
-    generate(model, [prompts[0]], max_new_tokens=4, compile=compile)
-    for ch in trees.values():
-        medusa_generate(model, [prompts[0]], max_new_tokens=4, medusa_choices=ch, compile=compile, proposal_vocab=vocab)
+    for p in warm_up_prompts(prompts, args.max_new_tokens):
+        generate(model, [p], max_new_tokens=WARM_UP_TOKENS, compile=compile)
+        for ch in trees.values():
+            medusa_generate(
+                model, [p], max_new_tokens=WARM_UP_TOKENS, medusa_choices=ch, compile=compile, proposal_vocab=vocab
+            )
     times = {"baseline": [[] for _ in prompts], **{n: [[] for _ in prompts] for n in trees}}
     ttft = {n: [] for n in times}
     tokens = {n: [0] * len(prompts) for n in times}

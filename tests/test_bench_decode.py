@@ -241,3 +241,17 @@ def test_trees_the_model_lacks_fail_before_the_baseline(bench, monkeypatch, tmp_
     deep.write_text(json.dumps({"medusa_choices": [[0], [0, 0], [0, 0, 0]]}))
     with pytest.raises(SystemExit, match=f"--medusa-choices {deep}: the tree is 3 deep but the model has only 2"):
         bench.main(argv + ["--medusa-choices", str(deep)])
+
+
+def test_warm_up_runs_allocate_the_timed_runs_kv_cache(bench):
+    """Compiled graphs are per cache size: a short warm-up run must allocate what the timed run will, or the timed
+    run compiles (the baseline's graphs are compiled by its reference outputs, the trees' would not be)."""
+    from torchtune_medusa.generation._step import cache_len_for
+
+    prompts = [[1, 2, 3], [4] * 130, [5, 6] * 65, [7] * 131]
+    warm = bench.warm_up_prompts(prompts, max_new_tokens=128)
+    assert len(warm) == 3  # one per distinct length
+    for p in prompts:
+        for extra in (0, 4, 16):  # the baseline, and trees of 4 and 16 tokens
+            timed = cache_len_for(len(p) + 128 + extra, 2048, compiled=True)
+            assert any(cache_len_for(len(w) + bench.WARM_UP_TOKENS + extra, 2048, compiled=True) == timed for w in warm)

@@ -48,7 +48,7 @@ DEMO_VAL_EVERY ?= 100
 DEMO_NEW_TOKENS ?= 128
 DEMO_BENCH_PROMPTS ?= 4
 DEMO_BENCH_REPEATS ?= 2
-DEMO_TREES ?= trained,chain3
+DEMO_TREES ?= trained
 DEMO_SHARDS ?= $(shell nproc 2>/dev/null || echo 2)
 # Decoding runs with the shipped decode settings (bf16 where native, every core but one, compiled step) and
 # reports bf16 against fp32 greedy output on DEMO_QUALITY_PROMPTS prompts.

@@ -43,7 +43,7 @@ from torchtune_medusa.generation._step import (
 )
 from torchtune_medusa.generation._tree import build_tree_buffers, grow_tree, TREE_FORMAT
 from torchtune_medusa.generation._tree import Path as RankPath
-from torchtune_medusa.modules.medusa_heads import to_head_vocab, token_map_index
+from torchtune_medusa.modules.medusa_heads import following_tokens, to_head_vocab, token_map_index
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def measure_head_accuracies(
                 if s <= start + k + 1:
                     continue
                 # a Hydra head reads the tokens at t+1..t+k (the sequence's own: teacher forcing)
-                before = torch.stack([tokens[0, start + 1 + j : s - k + j] for j in range(k)], dim=-1)
+                before = following_tokens(tokens[0], start, s - k - 1, k)
                 logits = model.project(h[start : s - k - 1], k, before).float()  # [n, v]
                 target = tokens[0, start + k + 1 :]
                 head_target = target if index_of is None else to_head_vocab(target, index_of)

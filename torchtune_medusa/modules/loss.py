@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from torchtune_medusa.modules.medusa_heads import to_head_vocab, token_map_index
+from torchtune_medusa.modules.medusa_heads import following_tokens, to_head_vocab, token_map_index
 
 __all__ = [
     "MedusaCrossEntropyLoss",
@@ -127,7 +127,7 @@ class _Term(NamedTuple):
     targets: torch.Tensor  # [b, n] labels (CE, and the validity mask of KL terms)
     teacher_hidden: Optional[torch.Tensor]  # [b, n, d] teacher rows for KL / teacher_argmax, else None
     kl: bool  # score against the teacher's distribution instead of hard targets
-    prev_tokens: Optional[torch.Tensor] = None  # [b, n, head] tokens a Hydra head reads (labels at t..t+head-1)
+    prev_tokens: Optional[torch.Tensor] = None  # [b, n, head] tokens a Hydra head reads (the tokens t+1..t+head)
 
 
 class _MedusaChunkedLoss(nn.Module):
@@ -228,9 +228,10 @@ class _MedusaChunkedLoss(nn.Module):
         token_map: Optional[torch.Tensor] = None,
         tokens: Optional[torch.Tensor] = None,
     ) -> MedusaLossOutput:
-        if token_map is None:  # the model's, when given the model or its bound `project`
-            token_map = getattr(getattr(project, "__self__", project), "medusa_token_map", None)
-        hydra = getattr(getattr(project, "__self__", project), "medusa_head_type", "medusa") == "hydra"
+        model = getattr(project, "__self__", project)  # the model, when given the model or its bound `project`
+        if token_map is None:
+            token_map = getattr(model, "medusa_token_map", None)
+        hydra = getattr(model, "medusa_head_type", "medusa") == "hydra"
         project, num_heads = _resolve_project(project, num_heads)
         head_index = _head_index(token_map, hidden.device)
         if hidden.dim() != 3:
@@ -261,9 +262,8 @@ class _MedusaChunkedLoss(nn.Module):
                 term = make_term(head, weights[head], h_chunk[:, : end - start], start, end)
                 if hydra and head > 0:
                     # Hydra head k at t reads the tokens at t+1..t+k (teacher forcing)
-                    source, shift = (labels, 0) if tokens is None else (tokens, 1)
-                    prev = torch.stack([source[:, start + shift + j : end + shift + j] for j in range(head)], dim=-1)
-                    term = term._replace(prev_tokens=prev)
+                    source, offset = (labels, 0) if tokens is None else (tokens, 1)
+                    term = term._replace(prev_tokens=following_tokens(source, start, end, head, offset))
                 term_loss, *stats = self._term(term, project, teacher_project, head_index if head else None)
                 if term.weight != 0.0:
                     loss = loss + term.weight * term_loss

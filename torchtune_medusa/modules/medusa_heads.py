@@ -202,6 +202,13 @@ def to_head_vocab(tokens: torch.Tensor, index_of: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, index_of[tokens.clamp(0, index_of.numel() - 1)], -1)
 
 
+def following_tokens(seq: torch.Tensor, start: int, end: int, k: int, offset: int = 1) -> torch.Tensor:
+    """``[..., end - start, k]``: for every position t in ``start..end-1``, ``seq[..., t + offset + j]`` for
+    ``j < k``. With the input tokens and ``offset=1``: the k tokens after t, what Hydra head k at t reads (labels
+    are already shifted by one: ``offset=0``). ``seq`` must reach ``end + offset + k - 1``."""
+    return torch.stack([seq[..., start + offset + j : end + offset + j] for j in range(k)], dim=-1)
+
+
 MEDUSA_HEAD_TYPES = ("medusa", "hydra")
 
 

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torchtune.modules import TransformerDecoder
 
+from torchtune_medusa.modules.medusa_heads import following_tokens
+
 
 class MedusaOutput(NamedTuple):
     """What :class:`MedusaTransformerDecoder` returns in logits mode.
@@ -242,8 +244,5 @@ class MedusaTransformerDecoder(TransformerDecoder):
 def _next_tokens(tokens: torch.Tensor, k: int) -> torch.Tensor:
     """``[b, s, k]``: at position t, the input tokens ``t+1..t+k`` (past the end, the last token repeated: heads
     there predict beyond the sequence anyway)."""
-    s = tokens.size(1)
-    index = (torch.arange(s, device=tokens.device)[:, None] + torch.arange(1, k + 1, device=tokens.device)).clamp(
-        max=s - 1
-    )
-    return tokens[:, index]
+    padded = torch.cat([tokens, tokens[:, -1:].expand(-1, k)], dim=1)
+    return following_tokens(padded, 0, tokens.size(1), k)

@@ -33,7 +33,7 @@ from torchtune_medusa.generation import medusa_generate
 from torchtune_medusa.generation._calibration import calibrate_tree, measure_step_cost
 from torchtune_medusa.generation._settings import decode_dtype, decode_threads
 from torchtune_medusa.generation._tree import grow_tree
-from torchtune_medusa.modules.medusa_heads import to_head_vocab, token_map_index
+from torchtune_medusa.modules.medusa_heads import following_tokens, to_head_vocab, token_map_index
 
 __all__ = [
     "HeldOutHiddenStates",
@@ -140,7 +140,7 @@ def evaluate_heads(
             for start in range(0, seq_len - head, chunk):
                 end = min(seq_len - head, start + chunk)
                 if head_type == "hydra":
-                    prev = torch.stack([batch["tokens"][:, start + 1 + j : end + 1 + j] for j in range(head)], dim=-1)
+                    prev = following_tokens(batch["tokens"], start, end, head)
                     logits = project(hidden[:, start:end], head, prev).float()
                 else:
                     logits = project(hidden[:, start:end], head).float()

@@ -159,6 +159,15 @@ def test_formats_keep_hydra_heads_and_serving_formats_refuse_them(tmp_path):
     for fmt in ("vllm", "fasterdecoding_v1", "tgi_v2", "tensorrt_llm"):
         with pytest.raises(ValueError, match="Hydra heads"):
             export_heads(model, tmp_path / fmt, format=fmt)
+    # a config that disagrees with the weights, and heads of both kinds in one file, are refused
+    config = tmp_path / "ours" / "medusa_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "medusa_head_type": "medusa"}))
+    with pytest.raises(ValueError, match="medusa_head_type"):
+        import_heads(tmp_path / "ours")
+    mixed = dict(heads)
+    mixed["medusa_heads.1.0.linear.weight"] = tiny_medusa().medusa_heads[1][0].linear.weight
+    with pytest.raises(ValueError, match="some heads are Hydra heads"):
+        export_heads(mixed, tmp_path / "mixed")
 
 
 def test_recipe_trains_validates_and_saves_hydra_heads(assets, base, tmp_path):  # noqa: F811

@@ -43,9 +43,10 @@ IGNORE = -100
 
 
 def hidden_states(model: MedusaTransformerDecoder, dataset, batch_size: int, every: int = 1):
-    """Per sample (every ``every``-th one): the normed hidden state of every position and the base-shifted greedy
-    targets (the base model's pick after each trained position, ``IGNORE`` elsewhere). Samples are batched by
-    length, so that little is padded."""
+    """Per sample (every ``every``-th one): the normed hidden state of every position, the base-shifted greedy
+    targets (the base model's pick after each trained position, ``IGNORE`` elsewhere) and the input tokens (which
+    Hydra heads read: in raw text they are not the greedy picks). Samples are batched by length, so that little
+    is padded."""
     model.set_return_hidden(True)
     out = []
     picked = sorted(range(0, len(dataset), every), key=lambda i: len(dataset[i]["tokens"]))
@@ -59,24 +60,28 @@ def hidden_states(model: MedusaTransformerDecoder, dataset, batch_size: int, eve
             targets = torch.where(labels != IGNORE, greedy, labels)
             for row, sample in enumerate(samples):
                 n = len(sample["tokens"])
-                out.append((hidden[row, :n].clone(), targets[row, :n].clone()))
+                out.append((hidden[row, :n].clone(), targets[row, :n].clone(), batch["tokens"][row, :n].clone()))
             print(f"\rhidden states {len(out)}/{len(picked)}", end="", flush=True)
     print()
     return out
 
 
 def saved_hidden_states(files, dtype: torch.dtype, every: int = 1):
-    """``(hidden, targets)`` per reply of ``self_distill --save-hidden`` files (greedy replies: a reply's tokens are the
-    base model's picks after each of its positions), or None when the files hold no saved states."""
+    """``(hidden, targets, tokens)`` per reply of ``self_distill --save-hidden`` files (greedy replies: a reply's
+    tokens are the base model's picks after each of its positions, so the input tokens are the targets shifted by
+    one), or None when the files hold no saved states."""
     try:
         saved = self_distilled_hidden_dataset(data_files=files)
     except ValueError:
         return None
     if not saved.greedy_targets:
         return None
-    return [
-        (saved.hidden_state(i).to(dtype), torch.tensor(saved[i]["labels"][1:])) for i in range(0, len(saved), every)
-    ]
+    rows = []
+    for i in range(0, len(saved), every):
+        targets = torch.tensor(saved[i]["labels"][1:])
+        tokens = torch.cat([torch.zeros(1, dtype=torch.long), targets[:-1].clamp(min=0)])
+        rows.append((saved.hidden_state(i).to(dtype), targets, tokens))
+    return rows
 
 
 def make_loss(name: str, decay: float):
@@ -95,19 +100,20 @@ def batches(data, batch_size: int, generator=None):
     order = list(order)
     for start in range(0, len(order), batch_size):
         rows = [data[int(i)] for i in order[start : start + batch_size]]
-        length = max(h.size(0) for h, _ in rows)
+        length = max(h.size(0) for h, _, _ in rows)
         hidden = torch.zeros(len(rows), length, rows[0][0].size(-1), dtype=rows[0][0].dtype)
         targets = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-        for i, (h, t) in enumerate(rows):
-            hidden[i, : h.size(0)], targets[i, : t.size(0)] = h, t
-        yield hidden, targets
+        tokens = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, (h, t, x) in enumerate(rows):
+            hidden[i, : h.size(0)], targets[i, : t.size(0)], tokens[i, : x.size(0)] = h, t, x
+        yield hidden, targets, tokens
 
 
 def evaluate(model, loss_fn, data, batch_size: int):
     correct = counts = 0
     with torch.no_grad():
-        for hidden, targets in batches(data, batch_size):
-            out = loss_fn(hidden, targets, model.project, num_heads=model.num_medusa_heads)
+        for hidden, targets, tokens in batches(data, batch_size):
+            out = loss_fn(hidden, targets, model.project, num_heads=model.num_medusa_heads, tokens=tokens)
             correct = correct + out.head_topk_correct[:, 0]
             counts = counts + out.head_counts
     return (correct[1:].double() / counts[1:].clamp(min=1)).tolist()
@@ -170,7 +176,7 @@ def main(argv=None) -> int:
     heldout_data = hidden_states(probe, heldout, 8)
     raw_data = hidden_states(probe, raw, 8) if raw is not None else []
     datasets = {mix: train_data + (raw_data[: len(raw_data) * mix // max(mixes)] if mix else []) for mix in mixes}
-    trained_tokens = {mix: sum(int((t != IGNORE).sum()) for _, t in d) for mix, d in datasets.items()}
+    trained_tokens = {mix: sum(int((t != IGNORE).sum()) for _, t, _ in d) for mix, d in datasets.items()}
     hidden_s = time.perf_counter() - t0
     print(f"hidden states of {len(train_data)} + {len(heldout_data)} samples in {hidden_s:.0f}s")
     results = []
@@ -204,11 +210,13 @@ def main(argv=None) -> int:
         t1 = time.perf_counter()
         for epoch in range(args.epochs):
             g = torch.Generator().manual_seed(epoch)
-            for hidden, targets in batches(data, args.batch_size, g):
+            for hidden, targets, tokens in batches(data, args.batch_size, g):
                 if loss_name == "kl":
-                    out = loss_fn(hidden, targets, model.project, hidden, model.project, num_heads=args.heads)
+                    out = loss_fn(
+                        hidden, targets, model.project, hidden, model.project, num_heads=args.heads, tokens=tokens
+                    )
                 else:
-                    out = loss_fn(hidden, targets, model.project, num_heads=args.heads)
+                    out = loss_fn(hidden, targets, model.project, num_heads=args.heads, tokens=tokens)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.medusa_heads.parameters(), 1.0)

@@ -266,16 +266,18 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
         self._profiler = self._setup_profiler(cfg.get(PROFILER_KEY, None))
 
         saved = saved_hidden_states(self._dataset)
-        if saved is not None and not (self._cache_hidden and self._medusa_version == 1):
+        if saved and not (self._cache_hidden and self._medusa_version == 1):
             raise ValueError(
                 f"{cfg.dataset._component_} holds saved hidden states, which only train Medusa-1 heads from the "
                 "hidden-state cache: set medusa_version=1 and cache_hidden_states=True, or train on the replies' text "
                 "with torchtune_medusa.data.medusa_chat_dataset"
             )
-        if saved is not None:
+        if saved:
             self._hidden_cache = load_saved_hidden_states(
                 saved, model=self._model, dtype=self._dtype, store_device=self._hidden_store_device(cfg)
             )
+            if len(self._hidden_cache) < len(self._dataset):  # the rest of a dataset list: computed by the backbone
+                self._fill_hidden_cache(cfg, batch_size=cfg.batch_size)
         elif self._cache_hidden:
             self._fill_hidden_cache(cfg, batch_size=cfg.batch_size)
 
@@ -463,6 +465,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
             collate_fn=self._collate,
             batch_size=batch_size,
             device=self._device,
+            cache=self._hidden_cache,
         )
         self._root_params.release()  # gathered by _base_greedy
 

@@ -210,9 +210,44 @@ def test_recipe_refuses_states_of_other_weights_or_without_the_cache(assets, bas
     cfg.cache_hidden_states = False
     with pytest.raises(ValueError, match="cache_hidden_states=True"):
         run_recipe(cfg)
-    # in a dataset list its samples (no prompt) would get backbone states computed from the wrong tokens
+    # mixed with other data, the saved states are only read from the cache: it must hold them all
     cfg = _hidden_cfg(assets, tmp_path / "run3", data)
-    chat = {"_component_": "torchtune_medusa.data.medusa_chat_dataset", "data_files": str(assets["prompts"])}
+    chat = {"_component_": "torchtune_medusa.data.medusa_chat_dataset", "data_files": str(data)}
     cfg.dataset = [dict(cfg.dataset), chat]
-    with pytest.raises(ValueError, match="mixes self_distilled_hidden_dataset"):
+    cfg.hidden_cache_max_gb = 1e-9
+    with pytest.raises(ValueError, match="raise hidden_cache_max_gb"):
         run_recipe(cfg)
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_recipe_mixes_saved_states_with_text_whose_states_it_computes(assets, base, tmp_path, text_first):
+    """The self-distilled part reads its saved states, the text part (raw conversations, here the prompts with their
+    written replies) gets the backbone's states and greedy picks, computed once: as a ``dataset`` list (text first,
+    so that the saved part's indices are offset) or with the builder's ``text_files`` (saved first)."""
+    data = tmp_path / "replies.jsonl"
+    _distill(assets, base, data, max_new_tokens=12)
+    cfg = _hidden_cfg(assets, tmp_path / "run", data)
+    if text_first:
+        text = {"_component_": "torchtune_medusa.data.medusa_chat_dataset", "data_files": str(assets["prompts"])}
+        cfg.dataset = [text, dict(cfg.dataset)]
+    else:
+        cfg.dataset.text_files = str(assets["prompts"])
+    recipe = run_recipe(cfg)
+    cache, saved = recipe._hidden_cache, self_distilled_hidden_dataset(data_files=str(data))
+    n_text = len(recipe._dataset) - len(saved)
+    assert n_text > 0 and len(cache) == len(recipe._dataset)
+    cpu = torch.device("cpu")
+    for i in range(len(recipe._dataset)):
+        tokens = recipe._dataset[i]["tokens"]
+        hidden = cache.batch(torch.tensor([i]), len(tokens), cpu)[0]
+        greedy = cache.greedy_batch(torch.tensor([i]), len(tokens), cpu)[0]
+        is_text = i < n_text if text_first else i >= len(saved)
+        if is_text:  # computed: the backbone's states of the sample's tokens, and their greedy picks
+            reference = _uncached_hidden(base, tokens)
+            torch.testing.assert_close(hidden, reference, rtol=1e-4, atol=1e-5)
+            with torch.no_grad():
+                assert greedy.tolist() == base.output(reference).argmax(-1).tolist()
+        else:  # saved: exactly what self-distillation wrote
+            j = i - n_text if text_first else i
+            torch.testing.assert_close(hidden[: len(tokens) - 1], saved.hidden_state(j), rtol=0, atol=0)
+            assert greedy.tolist() == saved[j]["tokens"][1:] + [0]

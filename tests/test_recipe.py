@@ -356,9 +356,21 @@ def test_validation_reports_tau_and_tree(assets, tmp_path):
     assert "val/tau" in read_log(out)
 
 
-def test_validation_calibrates_tree_on_measured_step_cost(assets, tmp_path):
+@pytest.mark.parametrize("decode_compile", ["auto", "off"])
+def test_validation_calibrates_tree_on_measured_step_cost(assets, tmp_path, monkeypatch, decode_compile):
     """tree_cost=measured: the saved tree is the best tokens/s size (at most calibrate_tree_nodes, maybe empty),
-    and validation decodes with it."""
+    and validation decodes with it. Steps are timed as decoding runs them: compiled by default (sizes up to 16
+    tokens), eager with decode_compile=off."""
+    from torchtune_medusa.training import _validation
+
+    timed = []
+
+    def spy(model, sizes, **kwargs):
+        timed.append((list(sizes), kwargs["compile"]))
+        return measure_step_cost(model, sizes, **kwargs)
+
+    measure_step_cost = _validation.measure_step_cost
+    monkeypatch.setattr(_validation, "measure_step_cost", spy)
     out = tmp_path / "val_cost"
     cfg = make_cfg(
         assets,
@@ -376,9 +388,11 @@ def test_validation_calibrates_tree_on_measured_step_cost(assets, tmp_path):
             "max_prompt_len": 64,
             "calibrate_tree_nodes": 6,
             "tree_cost": "measured",
+            "decode_compile": decode_compile,
         },
     )
     run_recipe(cfg)
+    assert timed == [([1, 2, 4, 7], decode_compile == "auto")]
     metrics = json.loads((out / "metrics.json").read_text())
     tree = json.loads((out / "epoch_0" / "medusa_choices.json").read_text())["medusa_choices"]
     assert tree == metrics["medusa_choices"] and len(tree) <= 6
@@ -419,6 +433,7 @@ def test_validation_tau_is_one_when_heads_always_miss(assets):
         ({"medusa_version": 3}, ValueError, "medusa_version"),
         ({"medusa_version": 2}, ValueError, "has no LoRA"),
         ({"validation": {"tree_cost": "guessed"}}, ValueError, "tree_cost='guessed'"),
+        ({"validation": {"decode_compile": "sometimes"}}, ValueError, "validation.decode_compile"),
         ({"validation": {"decode_dtype": "fp8"}}, ValueError, "decode_dtype='fp8'; choose auto"),
     ],
 )

@@ -19,7 +19,7 @@ from torchtune.config._utils import _get_component_from_path
 from torchtune.training import PROFILER_KEY
 
 from torchtune_medusa.data._utils import check_local_data_file
-from torchtune_medusa.generation._settings import DTYPES
+from torchtune_medusa.generation._settings import decode_compile, DTYPES
 from torchtune_medusa.training._checkpointer import num_heads_in_sidecar
 from torchtune_medusa.training._stages import parse_stages
 
@@ -101,6 +101,7 @@ VALIDATION_KEYS = frozenset(
         "batch_size",
         "calibrate_tree_nodes",
         "dataset",
+        "decode_compile",
         "decode_dtype",
         "decode_with_calibrated_tree",
         "decode_only_at_end",
@@ -318,23 +319,16 @@ def check_config(cfg: DictConfig) -> None:
             f"validation.decode_dtype={val.decode_dtype!r}; choose auto (bf16 where the hardware computes it "
             "natively), float32 or bfloat16"
         )
+    if val is not None:
+        try:
+            decode_compile(val.get("decode_compile", "auto"))
+        except ValueError as e:
+            raise ValueError(f"validation.decode_compile: {e}") from None
     if val is not None and val.get("dataset", None) is not None:
         datasets.append(val.dataset)
     for ds in datasets:
-        files = ds.get("data_files", None)
-        if files is None:
-            continue
-        files = [files] if isinstance(files, str) else list(files.values() if isinstance(files, DictConfig) else files)
-        for f in files:
-            f = str(f)
-            if "://" in f or any(c in f for c in "*?["):
-                continue
-            if not os.path.exists(f):
-                hint = (
-                    " (run `python -m torchtune_medusa.assets prepare` for the offline assets)" if "medusa" in f else ""
-                )
-                raise FileNotFoundError(f"dataset file not found: {f}{hint}")
-            check_local_data_file("medusa_finetune", f)
+        for key in ("data_files", "text_files"):
+            _check_data_files(ds.get(key, None))
     ckpt_dir = cfg.checkpointer.get("checkpoint_dir", None)
     if ckpt_dir is not None and not os.path.isdir(str(ckpt_dir)):
         raise FileNotFoundError(
@@ -370,3 +364,17 @@ def check_config(cfg: DictConfig) -> None:
             )
         if found is not None:
             break
+
+
+def _check_data_files(files: Any) -> None:
+    """Refuse a missing local data file (URLs and glob patterns are left to the loader)."""
+    if files is None:
+        return
+    files = [files] if isinstance(files, str) else list(files.values() if isinstance(files, DictConfig) else files)
+    for f in map(str, files):
+        if "://" in f or any(c in f for c in "*?["):
+            continue
+        if not os.path.exists(f):
+            hint = " (run `python -m torchtune_medusa.assets prepare` for the offline assets)" if "medusa" in f else ""
+            raise FileNotFoundError(f"dataset file not found: {f}{hint}")
+        check_local_data_file("medusa_finetune", f)

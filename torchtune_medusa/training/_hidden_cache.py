@@ -111,7 +111,7 @@ class HiddenStateCache:
         progress: Optional[Callable[[int], None]] = None,
         greedy_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> None:
-        """Compute and store the hidden state of every sample of ``dataset``.
+        """Compute and store the hidden state of every sample of ``dataset`` that the cache does not hold yet.
 
         Args:
             dataset (Dataset): an :class:`IndexedDataset`.
@@ -126,7 +126,7 @@ class HiddenStateCache:
                 :meth:`greedy_batch`).
         """
         n = len(dataset)
-        mine = list(range(rank, n, world_size))
+        mine = [i for i in range(n) if i not in self._data][rank::world_size]  # every rank holds the same samples
         steps = (len(mine) + batch_size - 1) // batch_size
         if world_size > 1:  # all ranks must run the same number of (collective) forwards
             t = torch.tensor([steps], device=device)
@@ -151,7 +151,7 @@ class HiddenStateCache:
                     if greedy is not None:
                         self._greedy[i] = greedy[r, :length].to(torch.int32).cpu().clone()
             if progress is not None:
-                progress(min(n, (step + 1) * batch_size * world_size))
+                progress(min(len(self._data), n))
 
     def batch(self, indices: torch.Tensor, seq_len: int, device: torch.device) -> Optional[torch.Tensor]:
         """``[b, seq_len, d]`` hidden states of the samples ``indices`` (zeros past each sample's length, where
@@ -190,9 +190,12 @@ def fill_hidden_state_cache(
     collate_fn: Callable,
     batch_size: int,
     device: torch.device,
+    cache: Optional[HiddenStateCache] = None,
 ) -> Optional[HiddenStateCache]:
     """Compute and cache the hidden states of the whole (indexed) data set, all ranks in lock step, with a
     progress bar on rank 0; or, when the data set would need more than ``max_gb``, say so and cache nothing.
+    With ``cache`` (e.g. saved states of some of the samples, :func:`load_saved_hidden_states`), only the samples
+    it does not hold are computed, into it.
 
     Args:
         dataset (Dataset): an :class:`IndexedDataset`.
@@ -206,6 +209,7 @@ def fill_hidden_state_cache(
         collate_fn (Callable): the training collate function (:func:`indexed_collate`).
         batch_size (int): batch size of the fill pass.
         device (torch.device): the training device.
+        cache (Optional[HiddenStateCache]): a cache holding some samples already; None: a new one.
 
     Returns:
         Optional[HiddenStateCache]: the filled cache, or None when it would not fit.
@@ -213,6 +217,12 @@ def fill_hidden_state_cache(
     max_bytes = max_gb * 2**30
     if dim is not None:
         need = HiddenStateCache.estimate_bytes(dataset, dim, dtype)
+        if need > max_bytes and cache is not None:
+            raise ValueError(
+                f"cache_hidden_states: with the saved hidden states, the data set needs {need / 2**30:.2f} GiB > "
+                f"hidden_cache_max_gb={max_bytes / 2**30:.2f}, and saved states are only read from the cache: raise "
+                "hidden_cache_max_gb or train on fewer samples"
+            )
         if need > max_bytes:
             utils.log_rank_zero(
                 log,
@@ -221,9 +231,11 @@ def fill_hidden_state_cache(
             )
             return None
     world_size, rank = utils.get_world_size_and_rank()
-    cache = HiddenStateCache(max_bytes=int(max_bytes), store_device=store_device)
+    if cache is None:
+        cache = HiddenStateCache(max_bytes=int(max_bytes), store_device=store_device)
+    cache.max_bytes = int(max_bytes)
     t0 = time.perf_counter()
-    pbar = tqdm(total=len(dataset), desc="caching hidden states", disable=rank != 0)
+    pbar = tqdm(total=len(dataset), initial=len(cache), desc="caching hidden states", disable=rank != 0)
     cache.fill(
         dataset,
         greedy_fn=greedy_fn,
@@ -244,38 +256,43 @@ def fill_hidden_state_cache(
     return cache
 
 
-def saved_hidden_states(dataset: Dataset) -> Optional[Dataset]:
-    """The data set under ``dataset`` (an :class:`IndexedDataset`) when it carries saved hidden states
-    (:class:`~torchtune_medusa.data.SelfDistilledHiddenStates`), else None."""
+def _carries_saved_states(dataset: Dataset) -> bool:
+    return callable(getattr(dataset, "hidden_state", None))
+
+
+def saved_hidden_states(dataset: Dataset) -> List[Tuple[int, Dataset]]:
+    """The parts of ``dataset`` (an :class:`IndexedDataset`) that carry saved hidden states
+    (:class:`~torchtune_medusa.data.SelfDistilledHiddenStates`), each with the index of its first sample: the data
+    set itself, or its members that do when it is a data set list (torchtune's ``ConcatDataset``). Empty when none
+    does."""
     inner = getattr(dataset, "dataset", dataset)
-    if callable(getattr(inner, "hidden_state", None)):
-        return inner
     parts = getattr(inner, "_datasets", None)  # torchtune's ConcatDataset (a `dataset` list in the config)
-    if parts is not None and any(callable(getattr(d, "hidden_state", None)) for d in parts):
-        # its samples hold no prompt: computing their states with the backbone would silently train on garbage
-        raise ValueError(
-            "the dataset list mixes self_distilled_hidden_dataset with other data sets, which is not supported: "
-            "train on the saved hidden states alone (one self_distilled_hidden_dataset with every file in "
-            "data_files), or on the replies' text with torchtune_medusa.data.medusa_chat_dataset"
-        )
-    return None
+    if parts is None:
+        return [(0, inner)] if _carries_saved_states(inner) else []
+    found, start = [], 0
+    for part in parts:
+        if _carries_saved_states(part):
+            found.append((start, part))
+        start += len(part)
+    return found
 
 
 def load_saved_hidden_states(
-    saved: Dataset, *, model: torch.nn.Module, dtype: torch.dtype, store_device: torch.device
+    saved: List[Tuple[int, Dataset]], *, model: torch.nn.Module, dtype: torch.dtype, store_device: torch.device
 ) -> HiddenStateCache:
-    """A cache holding the hidden states that self-distillation saved with ``saved``'s replies (no backbone pass),
-    and, for greedy replies, their tokens as the base model's greedy targets (``head_targets: base_greedy``).
+    """A cache holding the hidden states that self-distillation saved with the replies (no backbone pass), and,
+    for greedy replies, their tokens as the base model's greedy targets (``head_targets: base_greedy``). The other
+    samples of a data set list are not in it: :func:`fill_hidden_state_cache` computes them.
 
     Args:
-        saved (Dataset): the training :class:`~torchtune_medusa.data.SelfDistilledHiddenStates` (as
-            :func:`saved_hidden_states` finds it; its sample indices are the training indices).
+        saved (List[Tuple[int, Dataset]]): the :class:`~torchtune_medusa.data.SelfDistilledHiddenStates` parts of
+            the training data, each with the training index of its first sample (:func:`saved_hidden_states`).
         model (torch.nn.Module): the model being trained: its backbone must be the one that decoded the replies.
         dtype (torch.dtype): the cache dtype (the training dtype).
         store_device (torch.device): where the cache is kept.
 
     Returns:
-        HiddenStateCache: every sample's states.
+        HiddenStateCache: the saved samples' states, keyed by training index.
 
     Raises:
         ValueError: states of another backbone (weights fingerprint) or hidden size.
@@ -283,23 +300,30 @@ def load_saved_hidden_states(
     from torchtune_medusa.data import weights_fingerprint
 
     fingerprint = weights_fingerprint(model)
-    if saved.fingerprint != fingerprint:
-        raise ValueError(
-            f"the dataset's hidden states were computed by other weights (fingerprint {saved.fingerprint}) than this "
-            f"run's backbone ({fingerprint}): self-distil again with this checkpoint (self_distill --save-hidden "
-            "--model-dir <checkpoint_dir>), or point checkpointer.checkpoint_dir at the model that wrote them"
-        )
     dim = getattr(getattr(model, "norm", None), "scale", None)
-    if dim is not None and saved.hidden_state(0).size(-1) != dim.shape[-1]:
-        raise ValueError(
-            f"the dataset's hidden states have size {saved.hidden_state(0).size(-1)}, the model {dim.shape[-1]}"
-        )
+    for _, part in saved:
+        if part.fingerprint != fingerprint:
+            raise ValueError(
+                f"the dataset's hidden states were computed by other weights (fingerprint {part.fingerprint}) than "
+                f"this run's backbone ({fingerprint}): self-distil again with this checkpoint (self_distill "
+                "--save-hidden --model-dir <checkpoint_dir>), or point checkpointer.checkpoint_dir at the model that "
+                "wrote them"
+            )
+        if dim is not None and part.hidden_state(0).size(-1) != dim.shape[-1]:
+            raise ValueError(
+                f"the dataset's hidden states have size {part.hidden_state(0).size(-1)}, the model {dim.shape[-1]}"
+            )
     t0 = time.perf_counter()
     cache = HiddenStateCache(max_bytes=0, store_device=store_device)
-    for i in tqdm(range(len(saved)), desc="loading saved hidden states", disable=utils.get_world_size_and_rank()[1]):
-        cache._data[i] = saved.hidden_state(i).to(device=store_device, dtype=dtype)
-        if saved.greedy_targets:  # greedy replies: token j is the base model's greedy pick after position j
-            cache._greedy[i] = torch.tensor(saved[i]["labels"][1:] + [0], dtype=torch.int32)
+    total = sum(len(part) for _, part in saved)
+    pbar = tqdm(total=total, desc="loading saved hidden states", disable=utils.get_world_size_and_rank()[1] != 0)
+    for start, part in saved:
+        for i in range(len(part)):
+            cache._data[start + i] = part.hidden_state(i).to(device=store_device, dtype=dtype)
+            if part.greedy_targets:  # greedy replies: token j is the base model's greedy pick after position j
+                cache._greedy[start + i] = torch.tensor(part[i]["labels"][1:] + [0], dtype=torch.int32)
+            pbar.update()
+    pbar.close()
     cache.max_bytes = cache.nbytes
     utils.log_rank_zero(
         log,

@@ -73,7 +73,7 @@ demo: assets
 	  '~dataset.split' \
 	  dataset.max_seq_len=512 tokenizer.max_seq_len=512 validation.dataset.data_files=$(DEMO_OUT)/data/heldout.jsonl \
 	  validation.dataset.max_seq_len=512 validation.max_samples=$(DEMO_VAL_PROMPTS) \
-	  validation.every_n_steps=$(DEMO_VAL_EVERY) validation.decode_compile=$(DEMO_COMPILE) $(DEMO_EXTRA)
+	  validation.every_n_steps=$(DEMO_VAL_EVERY) $(DEMO_EXTRA)
 	$(BIN)/python benchmarks/bench_decode.py --model checkpoint --checkpoint $(DEMO_OUT) --compile $(DEMO_COMPILE) \
 	  --quality-prompts $(DEMO_QUALITY_PROMPTS) \
 	  --prompt-file $(CACHE)/sharegpt/heldout.jsonl --prompt-skip $(DEMO_VAL_PROMPTS) --num-prompts $(DEMO_BENCH_PROMPTS) \

@@ -279,10 +279,8 @@ def calibrate_tree_for_speed(
 
     Steps are timed as decoding will run them: in ``dtype`` (``validation.decode_dtype``, default auto: bf16 where
     the hardware computes it natively), on CPU with the decoding thread count (every core but one), and compiled
-    when decoding compiles (``validation.decode_compile``, default auto: on). Compiling changes the shape of the
-    cost curve, not just its scale (on a 2-core AVX512-BF16 CPU, bf16 SmolLM2: eager 1.23x / 1.27x a 1-token step
-    for 4 / 8 tree tokens, compiled 1.09x / 1.34x), so eager costs pick trees that are too big for compiled
-    decoding. Compiled, only sizes up to 16 tokens are timed (each costs a compile); larger ones are extrapolated.
+    or eager as ``validation.decode_compile`` says (:func:`calibration_compile`). Compiled, only sizes up to 16
+    tokens are timed (each costs a compile); larger ones are extrapolated.
 
     Args:
         model (nn.Module): an unsharded Medusa model.
@@ -314,6 +312,21 @@ def calibrate_tree_for_speed(
         f"nodes, expected tau {best.expected_tokens_per_step:.2f}, step cost (ms) by tree tokens {cost_ms}"
     )
     return best.medusa_choices
+
+
+def calibration_compile(value: Any, device: torch.device) -> bool:
+    """Whether tree calibration times compiled steps (``validation.decode_compile``): ``"auto"`` compiles on GPUs,
+    where eager steps are bound by kernel launches and their cost hardly grows with the tree, so eager timings
+    would pick trees far too big; on CPU eager and compiled costs grow alike within this VM's noise (compiled
+    4 / 8 / 16 tree tokens: 1.09-1.23x / 1.25-1.34x / 1.66-1.74x a 1-token step; eager 1.23x / 1.27x / 1.53x),
+    while compiling each size costs minutes (4.5 minutes for SmolLM2 in ``make demo``). ``"on"``/``"off"`` force it.
+
+    Raises:
+        ValueError: a value :func:`~torchtune_medusa.generation.decode_settings` does not accept.
+    """
+    if value == "auto":
+        return torch.device(device).type == "cuda"
+    return decode_compile(value, device)
 
 
 def validate_decoding(
@@ -354,7 +367,7 @@ def validate_decoding(
             int(num_nodes),
             dtype=decode_dtype(str(val_cfg.get("decode_dtype", "auto")), device),
             context_len=int(val_cfg.get("max_prompt_len", 128)),
-            compile=decode_compile(val_cfg.get("decode_compile", "auto"), device),
+            compile=calibration_compile(val_cfg.get("decode_compile", "auto"), device),
         )
     if prompts:
         choices = medusa_choices

@@ -233,8 +233,8 @@ def self_distilled_hidden_dataset(
     a torchtune ``ConcatDataset``, as a ``dataset`` list in the config would be): the recipe computes their hidden
     states once, with the backbone (the hidden-state cache), and with ``head_targets: base_greedy`` the heads
     learn the base model's greedy picks on them. Their states cost one forward per token instead of a decoding
-    step, which makes them the cheaper way to add training tokens; on held-out self-distilled replies they were
-    worth about 0.6 of a self-distilled token each (see the README's head sweep).
+    step; on held-out self-distilled replies a text token was worth about half a self-distilled one (see the
+    README's head sweep).
 
     Example config::
 

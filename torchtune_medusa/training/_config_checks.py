@@ -19,9 +19,10 @@ from torchtune.config._utils import _get_component_from_path
 from torchtune.training import PROFILER_KEY
 
 from torchtune_medusa.data._utils import check_local_data_file
-from torchtune_medusa.generation._settings import decode_compile, DTYPES
+from torchtune_medusa.generation._settings import DTYPES
 from torchtune_medusa.training._checkpointer import num_heads_in_sidecar
 from torchtune_medusa.training._stages import parse_stages
+from torchtune_medusa.training._validation import calibration_compile
 
 __all__ = [
     "COMPONENT_KEYS",
@@ -321,7 +322,7 @@ def check_config(cfg: DictConfig) -> None:
         )
     if val is not None:
         try:
-            decode_compile(val.get("decode_compile", "auto"))
+            calibration_compile(val.get("decode_compile", "auto"), "cpu")
         except ValueError as e:
             raise ValueError(f"validation.decode_compile: {e}") from None
     if val is not None and val.get("dataset", None) is not None:

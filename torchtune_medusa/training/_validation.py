@@ -317,9 +317,10 @@ def calibrate_tree_for_speed(
 def calibration_compile(value: Any, device: torch.device) -> bool:
     """Whether tree calibration times compiled steps (``validation.decode_compile``): ``"auto"`` compiles on GPUs,
     where eager steps are bound by kernel launches and their cost hardly grows with the tree, so eager timings
-    would pick trees far too big; on CPU eager and compiled costs grow alike within this VM's noise (compiled
-    4 / 8 / 16 tree tokens: 1.09-1.23x / 1.25-1.34x / 1.66-1.74x a 1-token step; eager 1.23x / 1.27x / 1.53x),
-    while compiling each size costs minutes (4.5 minutes for SmolLM2 in ``make demo``). ``"on"``/``"off"`` force it.
+    would pick trees far too big; on CPU eager and compiled costs grow alike within run-to-run noise (SmolLM2 bf16
+    on a 2-core AVX512-BF16 CPU, 4 / 8 / 16 tree tokens: compiled 1.09-1.23x / 1.25-1.34x / 1.66-1.74x a 1-token
+    step, eager 1.23x / 1.27x / 1.53x), while compiling each size costs minutes there (4.5 for ``make demo``).
+    ``"on"``/``"off"`` force it.
 
     Raises:
         ValueError: a value :func:`~torchtune_medusa.generation.decode_settings` does not accept.

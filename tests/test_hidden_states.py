@@ -152,6 +152,8 @@ def test_bad_files_are_refused_with_the_fix(assets, base, tmp_path):
         self_distilled_hidden_dataset(data_files=str(out))
     with pytest.raises(ValueError, match="packed"):
         self_distilled_hidden_dataset(data_files=str(out), packed=True)
+    with pytest.raises(ValueError, match="text_files needs the tokenizer"):
+        self_distilled_hidden_dataset(data_files=str(out), text_files=str(out))
 
 
 def _hidden_cfg(assets, out, data):

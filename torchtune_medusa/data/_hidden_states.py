@@ -264,10 +264,10 @@ def self_distilled_hidden_dataset(
     """
     if packed:
         raise ValueError("self_distilled_hidden_dataset: packed=True is not supported; set dataset.packed=False")
+    if text_files is not None and tokenizer is None:
+        raise ValueError("self_distilled_hidden_dataset: text_files needs the tokenizer (recipes pass it)")
     saved = SelfDistilledHiddenStates(data_files, max_seq_len=max_seq_len)
     if text_files is None:
         return saved
-    if tokenizer is None:
-        raise ValueError("self_distilled_hidden_dataset: text_files needs the tokenizer (recipes pass it)")
     text = medusa_chat_dataset(tokenizer, data_files=text_files, split=text_split, max_seq_len=max_seq_len)
     return ConcatDataset([saved, text])

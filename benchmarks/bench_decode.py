@@ -472,7 +472,7 @@ def run(args) -> Dict[str, object]:
     model, tokenizer = load_model(args)
     loaded_dtype = next(model.parameters()).dtype
     dtype = decode_dtype(args.dtype, device) if args.dtype != "as-loaded" else loaded_dtype
-    compile = decode_compile(args.compile, device)
+    compile = decode_compile(args.compile, device, dtype)
     # An fp32 copy: the reference of the bf16 quality report and of today's (pre-fast-path) step cost.
     wants_reference = (dtype != torch.float32 and args.quality_prompts > 0) or args.compare_legacy
     reference = copy.deepcopy(model).to(device=device, dtype=torch.float32) if wants_reference else None
@@ -778,7 +778,7 @@ def main(argv=None) -> int:
         "--compile",
         default="auto",
         choices=["auto", "on", "off"],
-        help="auto: on (compiled step, weights prepacked on CPU)",
+        help="auto: off for bf16 on a CPU with native bf16 (the prepacked eager step is faster), else on",
     )
     p.add_argument(
         "--quality-prompts",

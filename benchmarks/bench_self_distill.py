@@ -28,21 +28,26 @@ import torch
 from torchtune_medusa._load import load_hf_base
 from torchtune_medusa.data._self_distill import self_distill
 from torchtune_medusa.data._tokenizer import smollm2_tokenizer
+from torchtune_medusa.generation import _packing
 from torchtune_medusa.generation._settings import DTYPES
 
 
 def parse_settings(text: str):
-    """``dtype:batch:compile`` items, e.g. ``bf16:64:on``."""
+    """``dtype:batch:compile[:unpacked]`` items, e.g. ``bf16:64:on`` or ``bf16:32:off:unpacked`` (bf16 linear
+    weights not prepacked for oneDNN: the eager path before :mod:`torchtune_medusa.generation._packing`)."""
     settings = []
     for item in text.split(","):
-        dtype, batch, compile = item.split(":")
-        if dtype not in DTYPES or compile not in ("on", "off"):
-            raise SystemExit(f"--settings: {item!r} is not dtype:batch:on|off (dtype one of {sorted(DTYPES)})")
-        settings.append({"dtype": dtype, "batch_size": int(batch), "compile": compile == "on"})
+        dtype, batch, compile, *packing = item.split(":")
+        if dtype not in DTYPES or compile not in ("on", "off") or packing not in ([], ["unpacked"]):
+            raise SystemExit(
+                f"--settings: {item!r} is not dtype:batch:on|off[:unpacked] (dtype one of {sorted(DTYPES)})"
+            )
+        settings.append({"dtype": dtype, "batch_size": int(batch), "compile": compile == "on", "packed": not packing})
     return settings
 
 
 def run_once(model, tokenizer, data, setting, args) -> dict:
+    _packing.USE_PACKED_LINEAR = setting["packed"]
     with tempfile.TemporaryDirectory() as tmp:
         stats = self_distill(
             model,
@@ -92,10 +97,11 @@ def main(argv=None) -> int:
     for s, rs in zip(settings, runs):
         rows.append({**s, "new_tokens": rs[0]["new_tokens"], "tok_s_median": statistics.median(r["tok_s"] for r in rs)})
     base = rows[0]["tok_s_median"]
-    print(f"\n{'dtype':6} {'batch':>5} {'compile':>7} {'new tok/s':>10} {'vs first':>8}")
+    print(f"\n{'dtype':6} {'batch':>5} {'compile':>7} {'packed':>6} {'new tok/s':>10} {'vs first':>8}")
     for row in rows:
         print(
-            f"{row['dtype']:6} {row['batch_size']:>5} {str(row['compile']):>7} {row['tok_s_median']:>10.0f} "
+            f"{row['dtype']:6} {row['batch_size']:>5} {str(row['compile']):>7} {str(row['packed']):>6} "
+            f"{row['tok_s_median']:>10.0f} "
             f"{row['tok_s_median'] / base:>7.2f}x"
         )
     result = {

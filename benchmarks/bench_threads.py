@@ -37,7 +37,8 @@ SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n  
 def measure_one(args) -> dict:
     """In this process: quiet, then with one spinning neighbour."""
     torch.set_num_threads(args.one)
-    dtype, compile = decode_dtype(args.dtype), decode_compile(args.compile)
+    dtype = decode_dtype(args.dtype)
+    compile = decode_compile(args.compile, "cpu", dtype)
     loader = argparse.Namespace(model=args.model, num_heads=3, head_projection="shared", heads=None, checkpoint=None)
     model, _ = bench_decode.load_model(loader)
     model = model.to(dtype)

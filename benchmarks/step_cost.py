@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     torch.set_num_threads(threads)
-    compile = decode_compile(args.compile, args.device)
+    compile = decode_compile(args.compile, args.device, dtype)
     model, _ = bench_decode.load_model(argparse.Namespace(**vars(args), heads=None, checkpoint=None))
     model = model.to(device=args.device, dtype=dtype)
     t0 = time.perf_counter()

@@ -158,9 +158,15 @@ class MedusaGenerateRecipe:
 
     def __init__(self, cfg: DictConfig) -> None:
         self._device = utils.get_device(device=cfg.device)
-        settings = decode_settings(self._device, threads=cfg.get("threads", "auto"), compile=cfg.get("compile", "auto"))
         dtype = cfg.get("dtype", "auto")
-        self._dtype = settings.dtype if dtype == "auto" else training.get_dtype(dtype=dtype, device=self._device)
+        dtype = "auto" if dtype == "auto" else training.get_dtype(dtype=dtype, device=self._device)
+        settings = decode_settings(
+            self._device,
+            dtype="auto" if dtype == "auto" else str(dtype).replace("torch.", ""),
+            threads=cfg.get("threads", "auto"),
+            compile=cfg.get("compile", "auto"),
+        )
+        self._dtype = settings.dtype
         self._compile = settings.compile
         if self._device.type == "cpu":
             torch.set_num_threads(settings.threads)

@@ -93,6 +93,26 @@ def test_batched_generate_equals_per_prompt(model):
     assert batched.stats.new_tokens == 6 * 12
 
 
+def test_batched_generate_drops_finished_rows_without_changing_any(model, monkeypatch):
+    from torchtune_medusa.generation import _generate
+
+    prompts = _prompts(8, seed=11, lo=1, hi=10)
+    full = [generate(model, [p], max_new_tokens=16).tokens[0] for p in prompts]
+    stop = {full[0][2], full[3][6]}  # some rows stop early, at different steps
+    sizes = []
+    real = _generate.drop_finished_rows
+    monkeypatch.setattr(
+        _generate, "drop_finished_rows", lambda caches, keep: (sizes.append(keep.numel()), real(caches, keep))
+    )
+    batched = generate(model, prompts, max_new_tokens=16, stop_tokens=stop, return_hidden=True)
+    assert sizes and sizes == sorted(sizes, reverse=True) and sizes[-1] < len(prompts)
+    assert min(map(len, batched.tokens)) < 16 == max(map(len, batched.tokens))
+    for p, toks, hidden in zip(prompts, batched.tokens, batched.hidden):
+        alone = generate(model, [p], max_new_tokens=16, stop_tokens=stop, return_hidden=True)
+        assert toks == alone.tokens[0]
+        torch.testing.assert_close(hidden, alone.hidden[0])
+
+
 def test_generate_plain_decoder():
     torch.manual_seed(0)
     base = llama3_1(intermediate_dim=64, **TINY).eval()

@@ -173,7 +173,7 @@ def measure_step_cost(
     ctx = torch.randint(0, model.tok_embeddings.num_embeddings, (context_len,), generator=gen).to(device)
     fns = step_functions(model, compile=compile, proposal_vocab=proposal_vocab)
     times: Dict[int, List[float]] = {t: [] for t in sizes}
-    with decoding_scope(model, batch_size=1, cache_len=cache_len):
+    with decoding_scope(model, batch_size=1, cache_len=cache_len, pack_weights=not fns.compiled):
         caches = kv_caches(model)
         start = start_decoding(fns, ctx, cache_len, Acceptance())
         for r in range(warmup + repeats):

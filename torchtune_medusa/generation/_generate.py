@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from torchtune_medusa.generation._kv import kv_caches
+from torchtune_medusa.generation._kv import drop_finished_rows, kv_caches
 from torchtune_medusa.generation._sampling import sample_next
 from torchtune_medusa.generation._step import (
     Acceptance,
@@ -40,6 +40,9 @@ from torchtune_medusa.generation._tree import build_tree_buffers, MC_SIM_7B_63
 log = logging.getLogger(__name__)
 
 DEFAULT_MEDUSA_CHOICES = MC_SIM_7B_63
+# Eager batched decoding drops finished rows from the batch (and its KV cache) once 1 / COMPACT_WHEN_DONE of the
+# rows still in it have finished: their steps would be wasted, and dropping them costs one copy of the cache.
+COMPACT_WHEN_DONE = 8
 
 
 @dataclass
@@ -205,12 +208,17 @@ def generate(
 
     out: List[List[int]] = [[] for _ in prompts]
     reasons: List[Optional[str]] = [None] * b
-    with decoding_scope(model, batch_size=b, cache_len=cache_len):
+    live = list(range(b))  # the prompts still in the batch, in batch order
+    hidden_out = None
+    with decoding_scope(model, batch_size=b, cache_len=cache_len, pack_weights=not fns.compiled):
+        caches = kv_caches(model)
         _sync(device)
         t0 = time.perf_counter()
         hidden, logits = fns.prefill(tokens, mask, input_pos, select=torch.tensor([p_max - 1], device=device))
         nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, generator=gen)
-        hidden_steps = [hidden[:, -1]] if return_hidden else None  # moved to the host once, at the end
+        if return_hidden:  # row i, column j: the state behind new token j of prompt i
+            hidden_out = hidden.new_empty(b, max_new_tokens, hidden.shape[-1])
+            hidden_out[:, 0] = hidden[:, -1]
         slot = p_max
         first = True
         while True:
@@ -218,7 +226,7 @@ def generate(
             if first:
                 stats.time_to_first_token_s = time.perf_counter() - t0
                 first = False
-            for i, t in enumerate(host):
+            for i, t in zip(live, host):
                 if reasons[i] is None:
                     out[i].append(t)
                     if t in stop:
@@ -236,12 +244,18 @@ def generate(
                 )
                 reasons = [r or "cache_full" for r in reasons]
                 break
+            finished = sum(reasons[i] is not None for i in live)
+            if not fns.compiled and finished * COMPACT_WHEN_DONE >= len(live):
+                keep = torch.tensor([j for j, i in enumerate(live) if reasons[i] is None], device=device)
+                live = [i for i in live if reasons[i] is None]
+                valid, next_pos, nxt = valid[keep], next_pos[keep], nxt[keep]
+                drop_finished_rows(caches, keep)
             valid[:, slot] = True
             width = fns.mask_width(slot + 1, cache_len)
             hidden, logits = fns.forward(nxt[:, None], valid[:, None, :width].clone(), next_pos[:, None])
             nxt = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, generator=gen)
-            if hidden_steps is not None:
-                hidden_steps.append(hidden[:, -1])
+            if hidden_out is not None:
+                hidden_out[live, slot - p_max + 1] = hidden[:, -1]
             next_pos += 1
             slot += 1
             stats.steps += 1
@@ -252,10 +266,9 @@ def generate(
     stats.new_tokens = sum(len(o) for o in out)
     stats.tokens_per_second = stats.new_tokens / max(stats.total_time_s, 1e-9)
     stats.stop_reasons = [r or "max_new_tokens" for r in reasons]
-    hidden_out = None
-    if hidden_steps is not None:
-        stacked = torch.stack(hidden_steps, dim=1).cpu()  # [b, steps + 1, d]
-        hidden_out = [stacked[i, : len(o)].clone() for i, o in enumerate(out)]
+    if hidden_out is not None:
+        hidden_out = hidden_out.cpu()
+        hidden_out = [hidden_out[i, : len(o)].clone() for i, o in enumerate(out)]
     return GenerationOutput(out, stats, hidden_out)
 
 
@@ -388,7 +401,7 @@ def medusa_generate(
         )
     ttfts = []
 
-    with decoding_scope(model, batch_size=1, cache_len=cache_len):
+    with decoding_scope(model, batch_size=1, cache_len=cache_len, pack_weights=not fns.compiled):
         caches = kv_caches(model)
         _sync(device)
         t0 = time.perf_counter()

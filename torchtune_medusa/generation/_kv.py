@@ -79,3 +79,11 @@ def evict_to_path(caches: Sequence[KVCache], *, length: int, tree_size: int, acc
         cache.k_cache[:, :, length : length + n] = cache.k_cache[:, :, src]
         cache.v_cache[:, :, length : length + n] = cache.v_cache[:, :, src]
         cache.cache_pos.sub_(tree_size - n)
+
+
+def drop_finished_rows(caches: Sequence[KVCache], keep: torch.Tensor) -> None:
+    """Shrink every cache's batch to the rows ``keep`` (``[b']`` long indices, in the order they stay in)."""
+    for cache in caches:
+        cache.k_cache = cache.k_cache[keep]
+        cache.v_cache = cache.v_cache[keep]
+        cache.batch_size = keep.numel()

@@ -28,6 +28,7 @@ from torch import nn
 from torchtune.modules import MultiHeadAttention
 
 from torchtune_medusa.generation._kv import evict_to_path, scoped_kv_cache
+from torchtune_medusa.generation._packing import packed_linears
 from torchtune_medusa.generation._sampling import greedy_node_mask, sample_next, select_path, typical_node_mask
 from torchtune_medusa.generation._tree import TreeBuffers
 from torchtune_medusa.modules.transformer import MedusaTransformerDecoder
@@ -383,12 +384,15 @@ def _attention_cache_dtype(model: nn.Module) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def decoding_scope(model: nn.Module, *, batch_size: int, cache_len: int) -> Iterator[None]:
-    """Fresh KV caches, ``return_hidden`` and the decoding attention (:func:`fast_attention`) for the block."""
+def decoding_scope(model: nn.Module, *, batch_size: int, cache_len: int, pack_weights: bool = True) -> Iterator[None]:
+    """Fresh KV caches, ``return_hidden`` and the decoding attention (:func:`fast_attention`) for the block, and
+    with ``pack_weights`` bf16 CPU linear layers on prepacked weights (:func:`packed_linears`; for eager steps:
+    compiled ones freeze the weights themselves, and their graphs cannot trace the packed layers)."""
     with (
         _ReturnHidden(model),
         scoped_kv_cache(model, batch_size=batch_size, cache_len=cache_len, dtype=_attention_cache_dtype(model)),
         fast_attention(model),
+        packed_linears(model) if pack_weights else contextlib.nullcontext(),
     ):
         yield
 

@@ -11,9 +11,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from torchtune.data import Message
 
 from torchtune_medusa.data import smollm2_tokenizer
+from torchtune_medusa.generation import _packing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,3 +257,22 @@ def test_warm_up_runs_allocate_the_timed_runs_kv_cache(bench):
         for extra in (0, 4, 16):  # the baseline, and trees of 4 and 16 tokens
             timed = cache_len_for(len(p) + 128 + extra, 2048, compiled=True)
             assert any(cache_len_for(len(w) + bench.WARM_UP_TOKENS + extra, 2048, compiled=True) == timed for w in warm)
+
+
+def test_step_cost_times_variants_side_by_side(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("step_cost", ROOT / "benchmarks" / "step_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "cost.json"
+    argv = ["--model", "tiny", "--num-heads", "2", "--dtype", "bfloat16", "--compile", "off", "--packing", "on,off"]
+    argv += ["--sizes", "1,3", "--context-len", "8", "--repeats", "1", "--rounds", "2", "--threads", "1"]
+    assert module.main(argv + ["--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [v["variant"] for v in res["variants"]] == ["eager", "eager, unpacked"]
+    packs = _packing.packing_supported(torch.zeros(1, dtype=torch.bfloat16))  # this CPU computes bf16 natively
+    assert [v["packed_weights"] for v in res["variants"]] == [packs, False]
+    assert all(set(v["step_cost_s"]) == {"1", "3"} and v["relative_to_T1"]["1"] == 1.0 for v in res["variants"])
+    assert res["step_cost_s"] == res["variants"][0]["step_cost_s"] and res["rounds"] == 2
+    assert "eager, unpacked" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.main(argv[:9] + ["sometimes"] + argv[10:] + ["--out", str(out)])

@@ -92,3 +92,31 @@ def test_auto_compile_prefers_the_packed_eager_step_for_bf16_on_cpu():
     assert decode_settings("cpu", dtype="bf16", compile="on").compile is True
     assert decode_settings("cpu", dtype="fp32").compile is True
     assert decode_compile("auto", "cuda", torch.bfloat16) is True
+
+
+def test_packed_copies_are_kept_between_calls_until_a_weight_changes(monkeypatch):
+    model = _bf16(tied=True)
+    prompts = [[5, 9, 12, 7], [3, 1]]
+    packs = []
+    real = _packing.pack_weight
+    monkeypatch.setattr(_packing, "pack_weight", lambda w: (packs.append(w), real(w))[1])
+
+    def decode():
+        out = generate(model, prompts, max_new_tokens=6, return_hidden=True)
+        return out.tokens, out.hidden
+
+    first = decode()
+    n = len(packs)
+    again = decode()
+    assert n > 0 and len(packs) == n  # kept
+    assert again[0] == first[0] and all(map(torch.equal, again[1], first[1]))
+    with torch.no_grad():  # an in-place update (an optimizer step): the kept copies are stale
+        model.layers[0].mlp.w1.weight.mul_(-2)
+    changed = decode()
+    assert len(packs) == 2 * n
+    monkeypatch.setattr(_packing, "USE_PACKED_LINEAR", False)
+    unpacked = decode()
+    assert changed[0] == unpacked[0] and all(map(torch.equal, changed[1], unpacked[1]))
+    assert not all(map(torch.equal, changed[1], first[1]))
+    _packing.release_packed_weights(model)
+    assert model not in _packing._KEPT

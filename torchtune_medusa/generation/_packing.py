@@ -19,7 +19,8 @@ lossless guarantee rests on the GEMM giving each row the same result whatever th
 import contextlib
 import os
 import types
-from typing import Callable, Iterator, List, Tuple
+import weakref
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +42,18 @@ def packing_supported(weight: torch.Tensor) -> bool:
     )
 
 
-def _packed(weight: torch.Tensor) -> torch.Tensor:
+def packing_enabled(weight: torch.Tensor) -> bool:
+    """Whether eager decoding prepacks ``weight``: :func:`packing_supported` and :data:`USE_PACKED_LINEAR`."""
+    return USE_PACKED_LINEAR and packing_supported(weight)
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [out, in]`` reordered once for oneDNN, for :func:`packed_linear`."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # batch-size hint: decoding's one row
 
 
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on :func:`pack_weight` ``(weight)``, bit for bit."""
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
@@ -59,26 +67,45 @@ def _free_memory_bytes() -> int:
 def _targets(model: nn.Module) -> List[Tuple[nn.Module, torch.Tensor]]:
     """``(module whose forward to replace, its weight)``: every bf16 ``nn.Linear``, and the linear behind a
     torchtune ``TiedLinear`` output (tied embeddings)."""
-    targets = [(m, m.weight) for m in model.modules() if type(m) is nn.Linear and packing_supported(m.weight)]
+    targets = [(m, m.weight) for m in model.modules() if type(m) is nn.Linear and packing_enabled(m.weight)]
     output = getattr(model, "output", None)
     tied = getattr(output, "tied_module", None)
-    if tied is not None and isinstance(getattr(output, "linear", None), nn.Module) and packing_supported(tied.weight):
+    if tied is not None and isinstance(getattr(output, "linear", None), nn.Module) and packing_enabled(tied.weight):
         targets.append((output.linear, tied.weight))
     return [(m, w) for m, w in targets if "forward" not in vars(m)]  # not twice (a nested scope keeps the outer)
 
 
 def _linear_forward(packed: torch.Tensor) -> Callable:
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return _packed_linear(x, packed, self.bias)
+        return packed_linear(x, packed, self.bias)
 
     return forward
 
 
 def _tied_forward(packed: torch.Tensor, weight: torch.Tensor) -> Callable:
     def forward(self: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return _packed_linear(x, packed, None) if w is weight else F.linear(x, w)
+        return packed_linear(x, packed) if w is weight else F.linear(x, w)
 
     return forward
+
+
+# Packed copies kept with their model between decoding calls (packing SmolLM2 takes ~0.1 s, a few steps' time),
+# with the weights' versions they were made from.
+_KEPT: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, List[torch.Tensor]]]" = weakref.WeakKeyDictionary()
+
+
+def _weights_version(weights: List[torch.Tensor]) -> Optional[tuple]:
+    """Changes whenever a weight is updated in place, replaced or cast; None for inference tensors, whose in-place
+    updates leave no trace (their packed copies are never kept)."""
+    try:
+        return tuple((w.data_ptr(), w.dtype, w._version) for w in weights)
+    except RuntimeError:
+        return None
+
+
+def release_packed_weights(model: nn.Module) -> None:
+    """Drop the packed copies kept for ``model`` (they are rebuilt at its next eager bf16 decoding call)."""
+    _KEPT.pop(model, None)
 
 
 @contextlib.contextmanager
@@ -86,15 +113,28 @@ def packed_linears(model: nn.Module) -> Iterator[None]:
     """Within the block, the model's bf16 linear layers on CPU run on weights prepacked for oneDNN (see the module
     docstring); their forwards are restored on exit. Nothing is packed when the CPU lacks native bf16, when
     :data:`USE_PACKED_LINEAR` is off, or when the packed copies would take more than half the free memory.
+
+    The packed copies stay with the model (weakly: they go with it) for the next call, until a weight changes (an
+    optimizer step, a cast, a reload): a decoding loop packs once. :func:`release_packed_weights` frees them.
     """
-    targets = _targets(model) if USE_PACKED_LINEAR else []
-    if sum(w.numel() * w.element_size() for _, w in targets) > _MAX_FRACTION_OF_FREE_MEMORY * _free_memory_bytes():
-        targets = []
-    for module, weight in targets:
+    targets = _targets(model)
+    weights = [w for _, w in targets]
+    version = _weights_version(weights)
+    kept = _KEPT.get(model)
+    if targets and kept is not None and version is not None and kept[0] == version:
+        packed = kept[1]
+    elif sum(w.numel() * w.element_size() for w in weights) > _MAX_FRACTION_OF_FREE_MEMORY * _free_memory_bytes():
+        targets, packed = [], []
+    else:
+        _KEPT.pop(model, None)  # the old copies go before the new ones are made
+        packed = [pack_weight(w) for w in weights]
+        if targets and version is not None:
+            _KEPT[model] = (version, packed)
+    for (module, weight), p in zip(targets, packed):
         if type(module) is nn.Linear:
-            module.forward = types.MethodType(_linear_forward(_packed(weight)), module)
+            module.forward = types.MethodType(_linear_forward(p), module)
         else:
-            module.forward = types.MethodType(_tied_forward(_packed(weight), weight), module)
+            module.forward = types.MethodType(_tied_forward(p, weight), module)
     try:
         yield
     finally:

@@ -28,7 +28,7 @@ from torch import nn
 from torchtune.modules import MultiHeadAttention
 
 from torchtune_medusa.generation._kv import evict_to_path, scoped_kv_cache
-from torchtune_medusa.generation._packing import packed_linears
+from torchtune_medusa.generation._packing import pack_weight, packed_linear, packed_linears, packing_enabled
 from torchtune_medusa.generation._sampling import greedy_node_mask, sample_next, select_path, typical_node_mask
 from torchtune_medusa.generation._tree import TreeBuffers
 from torchtune_medusa.modules.transformer import MedusaTransformerDecoder
@@ -84,6 +84,11 @@ class StepFunctions:
             proposal_vocab = token_map  # the shared output's rows of the map, gathered here once, not at every step
         self.proposal_vocab = proposal_vocab
         self._proposal_weights = _proposal_weights(model, proposal_vocab) if proposal_vocab is not None else None
+        # Eager bf16 on CPU: the proposal rows prepacked once, like the model's layers (see _packing).
+        self._packed_proposal = None
+        if not compile and self._proposal_weights is not None and packing_enabled(self._proposal_weights):
+            weights = self._proposal_weights
+            self._packed_proposal = [pack_weight(w) for w in (weights[None] if weights.dim() == 2 else weights)]
         self.hydra = getattr(model, "medusa_head_type", "medusa") == "hydra"
         self._forward, self._propose = self._eager_forward, self._eager_propose
         self._propose_tree = self._eager_propose_tree
@@ -106,17 +111,21 @@ class StepFunctions:
             token_map = getattr(self.model, "medusa_token_map", None)
             return ranks if token_map is None else token_map[ranks]
         heads = self.model.medusa_heads[:depth]
-        z = torch.stack([head.trunk(hidden[None]) for head in heads])  # [depth, 1, d]
-        weights = self._proposal_weights
-        logits = z @ weights.transpose(-1, -2) if weights.dim() == 2 else z @ weights[:depth].transpose(-1, -2)
+        logits = torch.stack([self._proposal_logits(head.trunk(hidden[None]), d) for d, head in enumerate(heads, 1)])
         return self.proposal_vocab[torch.topk(logits, topk, dim=-1).indices.flatten()]
+
+    def _proposal_logits(self, z: torch.Tensor, head: int) -> torch.Tensor:
+        """Head ``head``'s (1-based) logits over the proposal vocabulary from its states ``z [..., d]``."""
+        weights = self._proposal_weights
+        shared = weights.dim() == 2
+        if self._packed_proposal is not None:
+            return packed_linear(z, self._packed_proposal[0 if shared else head - 1])
+        return z @ (weights if shared else weights[head - 1]).transpose(-1, -2)
 
     def _head_top_tokens(self, head: int, z: torch.Tensor, topk: int) -> torch.Tensor:
         """Top-``topk`` token ids ``[n, topk]`` of head ``head`` (1-based) from its states ``z [n, d]``."""
-        weights = self._proposal_weights
-        if weights is not None:
-            w = weights if weights.dim() == 2 else weights[head - 1]
-            return self.proposal_vocab[torch.topk(z @ w.transpose(-1, -2), topk, dim=-1).indices]
+        if self._proposal_weights is not None:
+            return self.proposal_vocab[torch.topk(self._proposal_logits(z, head), topk, dim=-1).indices]
         medusa_head = self.model.medusa_heads[head - 1]
         projection = medusa_head.projection
         logits = projection(z) if projection is not None else self.model._shared_head_output(z)
@@ -515,10 +524,15 @@ def tree_step(
         path = tree.retrieve_indices[best]
         last = path[accepted]
         nxt = choice[last]
-    host = torch.cat([accepted.view(1), tree_tokens[path], nxt.view(1)]).tolist()
-    a = host[0]
-    evict_to_path(caches, length=length, tree_size=tree.num_nodes, accepted=path[: a + 1])
+    host = torch.cat([accepted.view(1), nxt.view(1), tree_tokens[path], path]).tolist()
+    a, bonus, depth = host[0], host[1], path.numel()
+    tokens, nodes = host[2 : 2 + depth], host[2 + depth :]
+    if nodes[: a + 1] == list(range(a + 1)):  # the path already sits in the first slots: nothing to move
+        for cache in caches:
+            cache.cache_pos.sub_(tree.num_nodes - a - 1)
+    else:
+        evict_to_path(caches, length=length, tree_size=tree.num_nodes, accepted=path[: a + 1])
     state.length = length + a + 1
     state.hidden = hidden[last]
     state.root = nxt
-    return a, host[2 : 2 + a] + [host[-1]]
+    return a, tokens[1 : 1 + a] + [bonus]

@@ -14,9 +14,10 @@
   holds one of them each call waits a scheduler slice; leaving a core free keeps decoding steady on a shared machine.
 * compile: on, except for bf16 on a CPU that computes it natively. There the eager step runs its linear layers on
   weights prepacked once for oneDNN (:mod:`~torchtune_medusa.generation._packing`) and attends only over the filled
-  cache slots, and it was the fastest step at every tree size we timed: SmolLM2 with 1 thread, context 256, 46 ms
-  for 1 token and 70-79 ms for 16, against 58 and 94 ms compiled (whose static cache is attended in full) and
-  65 and 97-108 ms eager without prepacking. It also saves the compile: about a minute per tree size on 2 cores.
+  cache slots, and it was the fastest step at every tree size we timed: SmolLM2 with 1 thread, context 256, side
+  by side, 59.6 ms for 1 token and 94.6 ms for 16, against 63.1 and 106.2 ms compiled (whose static cache is
+  attended in full) and 80.6 and 128.1 ms eager without prepacking (``benchmarks/step_cost.py --compile on,off
+  --packing on,off``). It also saves the compile: about a minute per tree size on 2 cores.
   On GPUs, and in fp32 on CPU, the compiled step (with inductor's freezing, which prepacks on CPU) stays.
 """
 

@@ -62,9 +62,13 @@ def main(argv=None) -> int:
         threads = decode_threads(args.threads)
         dtype = decode_dtype(args.dtype, args.device)
         compiles = [decode_compile(c, args.device, dtype) for c in args.compile.split(",")]
-        packings = [{"on": True, "off": False}[v] for v in args.packing.split(",")]
-    except (ValueError, KeyError) as e:
-        p.error(f"{e}: --packing takes on and/or off")
+    except ValueError as e:
+        p.error(str(e))
+    if not set(args.packing.split(",")) <= {"on", "off"}:
+        p.error(f"--packing {args.packing!r}: pass on, off or on,off")
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: pass at least 1")
+    packings = [v == "on" for v in args.packing.split(",")]
     # Packing only changes eager steps: a compiled variant is timed once whatever --packing says.
     variants = list(dict.fromkeys((c, c or v) for c in compiles for v in packings))
     torch.set_num_threads(threads)

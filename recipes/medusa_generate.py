@@ -27,7 +27,8 @@ from torchtune.data import Message
 from torchtune_medusa import load_medusa
 from torchtune_medusa._config import register_resolvers
 from torchtune_medusa._files import GENERATE_RESULTS_FILE, write_json
-from torchtune_medusa.generation import decode_settings, generate, medusa_generate, resolve_choices
+from torchtune_medusa.generation import generate, medusa_generate, resolve_choices
+from torchtune_medusa.generation._settings import decode_compile, decode_dtype, decode_threads
 from torchtune_medusa.generation._tree import validate_choices
 
 register_resolvers()
@@ -159,17 +160,13 @@ class MedusaGenerateRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         self._device = utils.get_device(device=cfg.device)
         dtype = cfg.get("dtype", "auto")
-        dtype = "auto" if dtype == "auto" else training.get_dtype(dtype=dtype, device=self._device)
-        settings = decode_settings(
-            self._device,
-            dtype="auto" if dtype == "auto" else str(dtype).replace("torch.", ""),
-            threads=cfg.get("threads", "auto"),
-            compile=cfg.get("compile", "auto"),
+        self._dtype = (
+            decode_dtype("auto", self._device) if dtype == "auto" else training.get_dtype(dtype, device=self._device)
         )
-        self._dtype = settings.dtype
-        self._compile = settings.compile
+        self._compile = decode_compile(cfg.get("compile", "auto"), self._device, self._dtype)
+        threads = decode_threads(cfg.get("threads", "auto"))  # checked on every device
         if self._device.type == "cpu":
-            torch.set_num_threads(settings.threads)
+            torch.set_num_threads(threads)
         check_sampling(cfg)
         training.set_seed(seed=cfg.get("seed"))
 

@@ -274,5 +274,7 @@ def test_step_cost_times_variants_side_by_side(tmp_path, capsys):
     assert all(set(v["step_cost_s"]) == {"1", "3"} and v["relative_to_T1"]["1"] == 1.0 for v in res["variants"])
     assert res["step_cost_s"] == res["variants"][0]["step_cost_s"] and res["rounds"] == 2
     assert "eager, unpacked" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        module.main(argv[:9] + ["sometimes"] + argv[10:] + ["--out", str(out)])
+    for bad in (argv[:9] + ["sometimes"] + argv[10:], argv[:-4] + ["--rounds", "0"] + argv[-2:]):
+        with pytest.raises(SystemExit):
+            module.main(bad + ["--out", str(out)])
+    assert "--packing 'sometimes'" in capsys.readouterr().err

@@ -31,8 +31,9 @@ def _prefill(model, tokens, cache_len):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("host_ints", [False, True])  # host ints: a path already in place moves nothing
 @pytest.mark.parametrize("node", range(len(TREE) + 1))
-def test_evict_every_path(model, node):
+def test_evict_every_path(model, node, host_ints):
     tree = build_tree_buffers(TREE)
     prompt = [5, 17, 99, 3, 42]
     torch.manual_seed(node)
@@ -50,7 +51,8 @@ def test_evict_every_path(model, node):
         mask[:, :, :length] = True
         mask[0, :, length : length + tree.num_nodes] = tree.attn_mask
         tree_hidden = model(tree_tokens[None], mask=mask, input_pos=(tree.depth + length)[None])
-        evict_to_path(kv_caches(model), length=length, tree_size=tree.num_nodes, accepted=torch.tensor(path))
+        accepted = path if host_ints else torch.tensor(path)
+        evict_to_path(kv_caches(model), length=length, tree_size=tree.num_nodes, accepted=accepted)
         new_len = length + len(path)
         got = [
             (c.k_cache[:, :, :new_len].clone(), c.v_cache[:, :, :new_len].clone(), int(c.cache_pos[0]))

@@ -15,7 +15,7 @@ later mask row keeps slots ``>=`` the current length masked out until they are r
 """
 
 import contextlib
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Sequence, Union
 
 import torch
 from torch import nn
@@ -59,25 +59,34 @@ def scoped_kv_cache(model: nn.Module, *, batch_size: int, cache_len: int, dtype:
         model.decoder_max_cache_seq_len = saved_len
 
 
-def evict_to_path(caches: Sequence[KVCache], *, length: int, tree_size: int, accepted: torch.Tensor) -> None:
+def evict_to_path(
+    caches: Sequence[KVCache], *, length: int, tree_size: int, accepted: Union[torch.Tensor, Sequence[int]]
+) -> None:
     """Keep only an accepted root-to-node path of the tree just written at slots ``length .. length+tree_size-1``.
 
     The accepted nodes' K/V rows move to the contiguous slots ``length .. length+n-1`` (an advanced-indexing
     gather, which copies, so overlapping source and destination are safe) in every cache, and every
-    ``cache_pos`` is rolled back in place by ``tree_size - n``.
+    ``cache_pos`` is rolled back in place by ``tree_size - n``. A path given as host ints that already sits in
+    those slots (nodes ``0 .. n-1``: the root alone, or the root and node 1) moves nothing.
 
     Args:
         caches (Sequence[KVCache]): every layer's cache (see :func:`kv_caches`).
         length (int): committed tokens before the tree step (the tree's first slot).
         tree_size (int): tokens the tree step wrote.
-        accepted (torch.Tensor): ``[n]`` long tree-node indices of the accepted path, root first, on the cache's
-            device. Node i was written at slot ``length + i``.
+        accepted (Union[torch.Tensor, Sequence[int]]): ``[n]`` tree-node indices of the accepted path, root first:
+            a long tensor on the cache's device, or host ints. Node i was written at slot ``length + i``.
     """
-    n = accepted.numel()
-    src = accepted + length
+    n = len(accepted)
+    if not isinstance(accepted, torch.Tensor):
+        if list(accepted) == list(range(n)):
+            accepted = None
+        else:
+            accepted = torch.tensor(accepted, device=caches[0].k_cache.device)
+    src = None if accepted is None else accepted + length
     for cache in caches:
-        cache.k_cache[:, :, length : length + n] = cache.k_cache[:, :, src]
-        cache.v_cache[:, :, length : length + n] = cache.v_cache[:, :, src]
+        if src is not None:
+            cache.k_cache[:, :, length : length + n] = cache.k_cache[:, :, src]
+            cache.v_cache[:, :, length : length + n] = cache.v_cache[:, :, src]
         cache.cache_pos.sub_(tree_size - n)
 
 

@@ -527,11 +527,7 @@ def tree_step(
     host = torch.cat([accepted.view(1), nxt.view(1), tree_tokens[path], path]).tolist()
     a, bonus, depth = host[0], host[1], path.numel()
     tokens, nodes = host[2 : 2 + depth], host[2 + depth :]
-    if nodes[: a + 1] == list(range(a + 1)):  # the path already sits in the first slots: nothing to move
-        for cache in caches:
-            cache.cache_pos.sub_(tree.num_nodes - a - 1)
-    else:
-        evict_to_path(caches, length=length, tree_size=tree.num_nodes, accepted=path[: a + 1])
+    evict_to_path(caches, length=length, tree_size=tree.num_nodes, accepted=nodes[: a + 1])
     state.length = length + a + 1
     state.hidden = hidden[last]
     state.root = nxt

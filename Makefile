@@ -41,13 +41,13 @@ assets: setup
 #      and written to DEMO_OUT/bench/.
 # `make demo-quick` is the same pipeline at a size that finishes in minutes.
 DEMO_OUT ?= output/smollm2_135m_medusa
-DEMO_PROMPTS ?= 3100
+DEMO_PROMPTS ?= 3500
 DEMO_VAL_PROMPTS ?= 48
 DEMO_EPOCHS ?= 2
 DEMO_VAL_EVERY ?= 100
 DEMO_NEW_TOKENS ?= 128
-DEMO_BENCH_PROMPTS ?= 4
-DEMO_BENCH_REPEATS ?= 2
+DEMO_BENCH_PROMPTS ?= 8
+DEMO_BENCH_REPEATS ?= 1
 DEMO_TREES ?= trained
 DEMO_SHARDS ?= $(shell nproc 2>/dev/null || echo 2)
 # Decoding runs with the shipped decode settings (bf16 where native, every core but one, compile auto: the prepacked

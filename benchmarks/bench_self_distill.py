@@ -28,26 +28,41 @@ import torch
 from torchtune_medusa._load import load_hf_base
 from torchtune_medusa.data._self_distill import self_distill
 from torchtune_medusa.data._tokenizer import smollm2_tokenizer
-from torchtune_medusa.generation import _packing
+from torchtune_medusa.generation import _packing, _step
 from torchtune_medusa.generation._settings import DTYPES
+
+FLAGS = {
+    "unpacked": "bf16 linear weights not prepacked for oneDNN (the eager path before generation/_packing.py)",
+    "sdpa": "batched bf16 attention on an fp32 cache with SDPA (the path before _grouped_matmul_attention)",
+}
 
 
 def parse_settings(text: str):
-    """``dtype:batch:compile[:unpacked]`` items, e.g. ``bf16:64:on`` or ``bf16:32:off:unpacked`` (bf16 linear
-    weights not prepacked for oneDNN: the eager path before :mod:`torchtune_medusa.generation._packing`)."""
+    """``dtype:batch:compile[:flag...]`` items, e.g. ``bf16:64:on`` or ``bf16:32:off:unpacked:sdpa`` (flags: the
+    paths before a change, see ``FLAGS``)."""
     settings = []
     for item in text.split(","):
-        dtype, batch, compile, *packing = item.split(":")
-        if dtype not in DTYPES or compile not in ("on", "off") or packing not in ([], ["unpacked"]):
+        dtype, batch, compile, *flags = (item.split(":") + ["", ""])[: max(3, item.count(":") + 1)]
+        if dtype not in DTYPES or compile not in ("on", "off") or not set(flags) <= set(FLAGS) or not batch.isdigit():
             raise SystemExit(
-                f"--settings: {item!r} is not dtype:batch:on|off[:unpacked] (dtype one of {sorted(DTYPES)})"
+                f"--settings: {item!r} is not dtype:batch:on|off[:flag...] (dtype one of {sorted(DTYPES)}, "
+                f"flags from {sorted(FLAGS)})"
             )
-        settings.append({"dtype": dtype, "batch_size": int(batch), "compile": compile == "on", "packed": not packing})
+        settings.append(
+            {
+                "dtype": dtype,
+                "batch_size": int(batch),
+                "compile": compile == "on",
+                "packed": "unpacked" not in flags,
+                "batched_attention": "sdpa" not in flags,
+            }
+        )
     return settings
 
 
 def run_once(model, tokenizer, data, setting, args) -> dict:
     _packing.USE_PACKED_LINEAR = setting["packed"]
+    _step.USE_BATCHED_BF16_ATTENTION = setting["batched_attention"]
     with tempfile.TemporaryDirectory() as tmp:
         stats = self_distill(
             model,
@@ -97,10 +112,11 @@ def main(argv=None) -> int:
     for s, rs in zip(settings, runs):
         rows.append({**s, "new_tokens": rs[0]["new_tokens"], "tok_s_median": statistics.median(r["tok_s"] for r in rs)})
     base = rows[0]["tok_s_median"]
-    print(f"\n{'dtype':6} {'batch':>5} {'compile':>7} {'packed':>6} {'new tok/s':>10} {'vs first':>8}")
+    print(f"\n{'dtype':6} {'batch':>5} {'compile':>7} {'packed':>6} {'bf16 attn':>9} {'new tok/s':>10} {'vs first':>8}")
     for row in rows:
         print(
             f"{row['dtype']:6} {row['batch_size']:>5} {str(row['compile']):>7} {str(row['packed']):>6} "
+            f"{str(row['batched_attention']):>9} "
             f"{row['tok_s_median']:>10.0f} "
             f"{row['tok_s_median'] / base:>7.2f}x"
         )

@@ -44,16 +44,39 @@ def test_expected_tokens_formula():
 
 
 def test_calibrate_tree_follows_cost():
-    flat = calibrate_tree(ACC, {1: 1.0, 64: 1.0}, max_nodes=30)
+    flat = calibrate_tree(ACC, {1: 1.0, 64: 1.0}, max_nodes=30, tolerance=0.0)
     assert len(flat.medusa_choices) == 30  # free verification: take every node offered
+    smaller = calibrate_tree(ACC, {1: 1.0, 64: 1.0}, max_nodes=30)  # but the last nodes add under 3 % together
+    assert 0 < len(smaller.medusa_choices) < 30
+    assert smaller.expected_tokens_per_step >= 0.97 * flat.expected_tokens_per_step
     steep = calibrate_tree(ACC, {1: 1.0, 2: 3.0, 64: 100.0}, max_nodes=30)
     assert steep.medusa_choices == [] and steep.expected_speedup == pytest.approx(1.0)  # plain decoding wins
-    mid = calibrate_tree(ACC, lambda t: 1.0 + 0.02 * (t - 1), max_nodes=60)
+    mid = calibrate_tree(ACC, lambda t: 1.0 + 0.02 * (t - 1), max_nodes=60, tolerance=0.0)
     assert 0 < len(mid.medusa_choices) < 60
     best = max(mid.sizes, key=lambda s: s["tokens_per_s"])
     assert best["nodes"] == len(mid.medusa_choices)
     assert mid.expected_tokens_per_step == pytest.approx(expected_tokens_per_step(mid.medusa_choices, ACC))
     assert mid.expected_speedup == pytest.approx(best["tokens_per_s"] * 1.0)
+
+
+def test_calibrate_tree_prefers_the_smallest_tree_within_tolerance():
+    def cost(t):  # one extra token is free, then every token costs 10 %
+        return 1.0 if t <= 2 else 1.0 + 0.1 * (t - 2)
+
+    exact = calibrate_tree(ACC, cost, max_nodes=20, tolerance=0.0)
+    speeds = [s["tokens_per_s"] for s in exact.sizes]
+    assert len(exact.medusa_choices) == speeds.index(max(speeds))
+    for tolerance in (0.02, 0.1, 0.3):
+        chosen = calibrate_tree(ACC, cost, max_nodes=20, tolerance=tolerance)
+        n = len(chosen.medusa_choices)
+        within = [i for i, v in enumerate(speeds) if v >= max(speeds) * (1 - tolerance)]
+        assert n == min(within) <= len(exact.medusa_choices)  # the smallest tree close enough to the best
+        assert chosen.medusa_choices == exact.medusa_choices[:n]
+        assert chosen.expected_speedup == pytest.approx(speeds[n] / speeds[0])
+    # a large tolerance can fall back to plain decoding when trees promise little
+    assert calibrate_tree(ACC, cost, max_nodes=20, tolerance=0.45).medusa_choices == []
+    with pytest.raises(ValueError, match="tolerance=1.5"):
+        calibrate_tree(ACC, cost, tolerance=1.5)
 
 
 def test_save_load_roundtrip(tmp_path):

@@ -229,3 +229,47 @@ def test_frequent_tokens():
     assert frequent_tokens(seqs, 5, 10).tolist() == [0, 2, 5, 7, 9]  # never-seen ids fill up, lowest first
     with pytest.raises(ValueError, match="pick a size in 1..10"):
         frequent_tokens(seqs, 11, 10)
+
+
+@pytest.mark.parametrize("s", [1, 3])
+def test_grouped_matmul_attention_equals_sdpa_and_ignores_slots_past_the_mask(s):
+    torch.manual_seed(0)
+    b, h, kv_heads, d, cache_len, width = 4, 6, 2, 16, 24, 15
+    q = torch.randn(b, h, s, d).bfloat16()
+    k = torch.randn(b, kv_heads, cache_len, d).bfloat16()
+    v = torch.randn(b, kv_heads, cache_len, d).bfloat16()
+    mask = torch.rand(b, s, width) > 0.3
+    mask[..., 0] = True  # every query sees a slot
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q.float(),
+        k[:, :, :width].float().repeat_interleave(h // kv_heads, dim=1),
+        v[:, :, :width].float().repeat_interleave(h // kv_heads, dim=1),
+        attn_mask=mask[:, None],
+    )
+    out = _step._grouped_matmul_attention(q, k, v, mask)
+    assert out.dtype == torch.bfloat16 and out.shape == (b, h, s, d)
+    torch.testing.assert_close(out.float(), reference, rtol=0.02, atol=0.02)
+    k[:, :, width:], v[:, :, width:] = 30.0, 1e4  # stale slots past the mask: never attended
+    torch.testing.assert_close(_step._grouped_matmul_attention(q, k, v, mask), out, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_batched_bf16_scopes_attend_over_a_bf16_cache(monkeypatch):
+    model = tiny_medusa(num_heads=1).to(torch.bfloat16)
+    prompts = _prompts(3, seed=6, lo=5, hi=9)
+
+    def cache_dtype(m, batch_size):
+        with decoding_scope(m, batch_size=batch_size, cache_len=16):
+            return kv_caches(m)[0].k_cache.dtype
+
+    assert cache_dtype(model, 3) == torch.bfloat16
+    assert cache_dtype(model, 1) == torch.float32  # batch 1: fp32 SDPA is faster
+    assert cache_dtype(tiny_medusa(num_heads=1), 3) == torch.float32  # fp32 models: exact fp32 attention
+    outs = []
+    for batched_attention in (True, False):
+        monkeypatch.setattr(_step, "USE_BATCHED_BF16_ATTENTION", batched_attention)
+        assert cache_dtype(model, 3) == (torch.bfloat16 if batched_attention else torch.float32)
+        outs.append(generate(model, prompts, max_new_tokens=6, return_hidden=True))
+    # the state behind each row's first new token (the prompt through either attention) agrees to bf16 precision
+    for bf16_cache, fp32_cache in zip(outs[0].hidden, outs[1].hidden):
+        torch.testing.assert_close(bf16_cache[0].float(), fp32_cache[0].float(), rtol=0.05, atol=0.05)

@@ -294,6 +294,7 @@ def _gqa_attention_forward(self: MultiHeadAttention, x, y=None, *, mask=None, in
 
     Within :func:`decoding_scope` the cache itself is fp32 (see :func:`_attention_cache_dtype`): new keys and
     values are cast once when written, instead of the whole cache at every step. The values are the same.
+    A batched bf16 scope on CPU keeps a bf16 cache instead, attended by :func:`_grouped_matmul_attention`.
     """
     y = x if y is None else y  # self-attention: torchtune passes the same tensor twice
     b, s, _ = x.shape
@@ -310,6 +311,9 @@ def _gqa_attention_forward(self: MultiHeadAttention, x, y=None, *, mask=None, in
         k = self.k_norm(k)
     cache_dtype = self.kv_cache.k_cache.dtype
     k, v = self.kv_cache.update(k.to(cache_dtype), v.to(cache_dtype))
+    if cache_dtype == torch.bfloat16 and k.device.type == "cpu":
+        out = _grouped_matmul_attention(q, k, v, mask)
+        return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
     if mask is not None and mask.size(-1) < k.size(2):  # the caller masks only the slots filled so far
         k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
     out = F.scaled_dot_product_attention(
@@ -320,6 +324,29 @@ def _gqa_attention_forward(self: MultiHeadAttention, x, y=None, *, mask=None, in
         enable_gqa=self.num_heads != self.num_kv_heads,
     )
     return self.output_proj(out.to(x.dtype).transpose(1, 2).reshape(b, s, -1))
+
+
+def _grouped_matmul_attention(q, k, v, mask) -> torch.Tensor:
+    """Attention of bf16 ``q [b, h, s, d]`` over a bf16 grouped-query cache ``k, v [b, h_kv, L, d]`` with two batched
+    bf16 matmuls and an fp32 softmax: the queries of the ``h / h_kv`` heads that share a K/V head are stacked
+    into one matrix, so the cache is read once per K/V head and never expanded or cast.
+
+    At batch 32 on an AVX512-BF16 CPU this was 2.5-4x faster than fp32 SDPA over an fp32 cache (300-380 cached
+    tokens); at batch 1 SDPA is faster, so only batched scopes use it. The scores are rounded to bf16 once, an
+    error of the size of bf16's own rounding of every linear layer's output (bf16 models only)."""
+    b, h, s, d = q.shape
+    kv_heads = k.size(1)
+    group = h // kv_heads
+    # Both products run over the whole cache: slices of it narrower than the cache would be copied at every layer
+    # (the matmuls want operands contiguous per batch); the slots past the mask's width get no weight instead.
+    scores = (q.reshape(b, kv_heads, group * s, d) @ k.transpose(-1, -2)).float().mul_(d**-0.5)
+    if mask is not None:  # [b, s, width]: the same mask for every head
+        width = mask.size(-1)
+        grouped = scores.view(b, kv_heads, group, s, -1)
+        grouped[..., :width].masked_fill_(~mask[:, None, None], float("-inf"))
+        grouped[..., width:] = float("-inf")
+    probs = scores.softmax(-1).to(v.dtype)
+    return (probs @ v).view(b, h, s, d)
 
 
 def _plain_self_attention(m: nn.Module) -> bool:
@@ -383,13 +410,21 @@ def _all_attention_plain(model: nn.Module) -> bool:
     return bool(attentions) and all(type(m) is MultiHeadAttention and m.is_causal for m in attentions)
 
 
-def _attention_cache_dtype(model: nn.Module) -> torch.dtype:
+# Benchmarks switch this off to time batched bf16 scopes on the fp32 cache and SDPA (the path before it).
+USE_BATCHED_BF16_ATTENTION = True
+
+
+def _attention_cache_dtype(model: nn.Module, batch_size: int = 1) -> torch.dtype:
     """fp32 when every cached attention layer runs :func:`_gqa_attention_forward` (which attends in fp32): casting
     each new key/value once beats casting the whole cache at every step (at batch 32 that cast cost more than the
-    model's matmuls). Otherwise the model's dtype, which torchtune's own attention expects."""
-    if USE_FAST_ATTENTION and _all_attention_plain(model):
-        return torch.float32
-    return _cache_dtype(model)
+    model's matmuls). Batched bf16 scopes on CPU keep a bf16 cache, attended in bf16
+    (:func:`_grouped_matmul_attention`). Otherwise the model's dtype, which torchtune's own attention expects."""
+    if not (USE_FAST_ATTENTION and _all_attention_plain(model)):
+        return _cache_dtype(model)
+    param = next(model.parameters())
+    if USE_BATCHED_BF16_ATTENTION and batch_size > 1 and param.dtype == torch.bfloat16 and param.device.type == "cpu":
+        return torch.bfloat16
+    return torch.float32
 
 
 @contextlib.contextmanager
@@ -399,7 +434,9 @@ def decoding_scope(model: nn.Module, *, batch_size: int, cache_len: int, pack_we
     compiled ones freeze the weights themselves, and their graphs cannot trace the packed layers)."""
     with (
         _ReturnHidden(model),
-        scoped_kv_cache(model, batch_size=batch_size, cache_len=cache_len, dtype=_attention_cache_dtype(model)),
+        scoped_kv_cache(
+            model, batch_size=batch_size, cache_len=cache_len, dtype=_attention_cache_dtype(model, batch_size)
+        ),
         fast_attention(model),
         packed_linears(model) if pack_weights else contextlib.nullcontext(),
     ):

@@ -265,6 +265,11 @@ def tree_of_size(agreement: Sequence[Sequence[float]], num_nodes: int) -> List[L
     return [list(path) for path, _ in grow_tree(agreement, num_nodes)]
 
 
+# Interleaved timing rounds of every tree size: 5 let one noisy round of a 2-core VM pick an 8-node tree where 4
+# nodes decode faster; a round of SmolLM2 sizes 1..25 costs about half a second there.
+CALIBRATION_REPEATS = 15
+
+
 def calibrate_tree_for_speed(
     model: nn.Module,
     agreement: Sequence[Sequence[float]],
@@ -301,7 +306,9 @@ def calibrate_tree_for_speed(
     if device.type == "cpu":
         torch.set_num_threads(decode_threads("auto"))
     try:
-        step_cost = measure_step_cost(timed, sizes, context_len=context_len, repeats=5, compile=compile)
+        step_cost = measure_step_cost(
+            timed, sizes, context_len=context_len, repeats=CALIBRATION_REPEATS, compile=compile
+        )
     finally:
         torch.set_num_threads(threads)
     del timed

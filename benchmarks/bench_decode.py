@@ -53,6 +53,7 @@ from torchtune_medusa.generation import (
     medusa_generate,
     save_tree,
 )
+from torchtune_medusa.generation._calibration import CALIBRATION_REPEATS
 from torchtune_medusa.generation._kv import evict_to_path, kv_caches, scoped_kv_cache
 from torchtune_medusa.generation._settings import decode_compile, decode_dtype, decode_threads
 from torchtune_medusa.generation._step import frequent_tokens
@@ -761,7 +762,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-nodes", type=int, default=63, help="largest calibrated tree")
     p.add_argument("--step-sizes", default="1,4,16,32,64")
     p.add_argument("--context-len", type=int, default=256)
-    p.add_argument("--cost-repeats", type=int, default=3)
+    p.add_argument("--cost-repeats", type=int, default=CALIBRATION_REPEATS, help="interleaved step-cost rounds")
     p.add_argument("--stop-tokens", default="", help="comma-separated stop token ids")
     # The shipped decode settings are the defaults (torchtune_medusa.generation._settings says why).
     p.add_argument("--threads", default="auto", help="intra-op threads, or auto: every usable core but one")

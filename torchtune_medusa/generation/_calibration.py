@@ -110,6 +110,11 @@ def measure_head_accuracies(
     return hits / counts.clamp(min=1)[:, None]
 
 
+# Interleaved timing rounds of every tree size for a calibration: 5 let one noisy round of a 2-core VM pick an 8-node
+# tree where 4 nodes decode faster; a round of SmolLM2 sizes 1..25 costs about half a second there.
+CALIBRATION_REPEATS = 15
+
+
 def step_cost_tree(tree_tokens: int, num_heads: int) -> List[RankPath]:
     """A tree of ``tree_tokens`` tokens (root included) shaped like a calibrated one: grown by :func:`grow_tree`
     from accuracies that fall with depth and rank, at most ``num_heads`` deep. :func:`measure_step_cost` times

@@ -30,7 +30,7 @@ from torch import nn
 from torchtune import utils
 
 from torchtune_medusa.generation import medusa_generate
-from torchtune_medusa.generation._calibration import calibrate_tree, measure_step_cost
+from torchtune_medusa.generation._calibration import calibrate_tree, CALIBRATION_REPEATS, measure_step_cost
 from torchtune_medusa.generation._settings import decode_compile, decode_dtype, decode_threads
 from torchtune_medusa.generation._tree import grow_tree
 from torchtune_medusa.modules.medusa_heads import following_tokens, to_head_vocab, token_map_index
@@ -263,11 +263,6 @@ def tree_of_size(agreement: Sequence[Sequence[float]], num_nodes: int) -> List[L
     """The most valuable prefix-closed tree of ``num_nodes`` nodes for the measured agreement table
     (node value = product of the agreements along its path), as ``medusa_choices`` rank paths."""
     return [list(path) for path, _ in grow_tree(agreement, num_nodes)]
-
-
-# Interleaved timing rounds of every tree size: 5 let one noisy round of a 2-core VM pick an 8-node tree where 4
-# nodes decode faster; a round of SmolLM2 sizes 1..25 costs about half a second there.
-CALIBRATION_REPEATS = 15
 
 
 def calibrate_tree_for_speed(

@@ -42,7 +42,8 @@ def parse_settings(text: str):
     paths before a change, see ``FLAGS``)."""
     settings = []
     for item in text.split(","):
-        dtype, batch, compile, *flags = (item.split(":") + ["", ""])[: max(3, item.count(":") + 1)]
+        parts = item.split(":")
+        dtype, batch, compile, *flags = parts if len(parts) >= 3 else ["", "", ""]  # too short: refused below
         if dtype not in DTYPES or compile not in ("on", "off") or not set(flags) <= set(FLAGS) or not batch.isdigit():
             raise SystemExit(
                 f"--settings: {item!r} is not dtype:batch:on|off[:flag...] (dtype one of {sorted(DTYPES)}, "

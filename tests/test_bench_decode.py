@@ -8,6 +8,7 @@ held-out chat prompts the way self-distillation writes them, and finds the train
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,18 @@ def test_step_cost_times_variants_side_by_side(tmp_path, capsys):
         with pytest.raises(SystemExit):
             module.main(bad + ["--out", str(out)])
     assert "--packing 'sometimes'" in capsys.readouterr().err
+
+
+def test_self_distill_settings_parse_flags_and_name_bad_items():
+    spec = importlib.util.spec_from_file_location("bench_self_distill", ROOT / "benchmarks" / "bench_self_distill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    settings = module.parse_settings("bf16:32:off,bf16:32:off:sdpa:unpacked,fp32:16:on")
+    assert [(s["batch_size"], s["compile"], s["packed"], s["batched_attention"]) for s in settings] == [
+        (32, False, True, True),
+        (32, False, False, False),
+        (16, True, True, True),
+    ]
+    for bad in ("bf16", "bf16:32", "bf16:x:off", "bf16:32:maybe", "bf16:32:off:fast", "fp8:32:off"):
+        with pytest.raises(SystemExit, match=re.escape(f"--settings: '{bad}' is not dtype:batch:on|off")):
+            module.parse_settings(bad)

@@ -313,16 +313,16 @@ def _gqa_attention_forward(self: MultiHeadAttention, x, y=None, *, mask=None, in
     k, v = self.kv_cache.update(k.to(cache_dtype), v.to(cache_dtype))
     if cache_dtype == torch.bfloat16 and k.device.type == "cpu":
         out = _grouped_matmul_attention(q, k, v, mask)
-        return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
-    if mask is not None and mask.size(-1) < k.size(2):  # the caller masks only the slots filled so far
-        k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
-    out = F.scaled_dot_product_attention(
-        q.float(),
-        k.float(),
-        v.float(),
-        attn_mask=mask[:, None] if mask is not None else None,
-        enable_gqa=self.num_heads != self.num_kv_heads,
-    )
+    else:
+        if mask is not None and mask.size(-1) < k.size(2):  # the caller masks only the slots filled so far
+            k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]
+        out = F.scaled_dot_product_attention(
+            q.float(),
+            k.float(),
+            v.float(),
+            attn_mask=mask[:, None] if mask is not None else None,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
     return self.output_proj(out.to(x.dtype).transpose(1, 2).reshape(b, s, -1))
 
 
@@ -414,7 +414,7 @@ def _all_attention_plain(model: nn.Module) -> bool:
 USE_BATCHED_BF16_ATTENTION = True
 
 
-def _attention_cache_dtype(model: nn.Module, batch_size: int = 1) -> torch.dtype:
+def _attention_cache_dtype(model: nn.Module, batch_size: int) -> torch.dtype:
     """fp32 when every cached attention layer runs :func:`_gqa_attention_forward` (which attends in fp32): casting
     each new key/value once beats casting the whole cache at every step (at batch 32 that cast cost more than the
     model's matmuls). Batched bf16 scopes on CPU keep a bf16 cache, attended in bf16

@@ -807,6 +807,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(f"--threads: {e}")
     checks = (("num_prompts", 1), ("prompt_skip", 0), ("calibration_prompts", 0), ("max_new_tokens", 1))
+    checks += (("repeats", 1), ("cost_repeats", 1))
     if args.proposal_vocab and not (args.proposal_vocab_from and Path(args.proposal_vocab_from).expanduser().is_file()):
         p.error(
             f"--proposal-vocab {args.proposal_vocab} needs --proposal-vocab-from FILE (a ShareGPT JSONL), got "

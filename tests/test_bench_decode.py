@@ -174,6 +174,8 @@ def test_results_name_home_paths_portably(bench, monkeypatch, tmp_path):
         (["--num-prompts", "0"], "--num-prompts must be >= 1, got 0"),
         (["--prompt-skip", "-1"], "--prompt-skip must be >= 0"),
         (["--calibration-prompts", "-2"], "--calibration-prompts must be >= 0"),
+        (["--cost-repeats", "0"], "--cost-repeats must be >= 1, got 0"),
+        (["--repeats", "0"], "--repeats must be >= 1, got 0"),
         (["--prompt-file", "/nonexistent/heldout.jsonl"], "--prompt-file /nonexistent/heldout.jsonl: no such file"),
     ],
 )

@@ -33,7 +33,9 @@ assets: setup
 #      (--save-hidden), and answers DEMO_VAL_PROMPTS held-out ones for validation (resumable: rerunning continues
 #      where it stopped);
 #   2. Medusa-1 heads trained on the saved hidden states, with no second pass of the backbone over the data
-#      (`tune run medusa_finetune`, self_distilled_hidden_dataset; heads over the 8,192 most frequent target tokens;
+#      (`tune run medusa_finetune`, self_distilled_hidden_dataset; DEMO_HEADS heads over the 8,192 most frequent
+#      target tokens: two, because the trees this CPU can afford go two tokens deep, and a third head's training
+#      time buys more self-distilled data;
 #      a held-out validation every DEMO_VAL_EVERY steps gives the learning curve; the final one decodes held-out
 #      prompts for real and calibrates the tree on this machine's measured step cost);
 #   3. benchmarks/bench_decode.py on DEMO_BENCH_PROMPTS other held-out prompts: baseline vs Medusa with the shipped
@@ -41,9 +43,10 @@ assets: setup
 #      and written to DEMO_OUT/bench/.
 # `make demo-quick` is the same pipeline at a size that finishes in minutes.
 DEMO_OUT ?= output/smollm2_135m_medusa
-DEMO_PROMPTS ?= 3500
+DEMO_PROMPTS ?= 4000
 DEMO_VAL_PROMPTS ?= 48
 DEMO_EPOCHS ?= 2
+DEMO_HEADS ?= 2
 DEMO_VAL_EVERY ?= 100
 DEMO_NEW_TOKENS ?= 128
 DEMO_BENCH_PROMPTS ?= 8
@@ -69,7 +72,8 @@ demo: assets
 	# a shard that got no batch (fewer batches than shards) writes no file
 	files=$$(ls $(DEMO_OUT)/data/train.*-of-$(DEMO_SHARDS).jsonl | paste -sd, -); \
 	$(BIN)/tune run medusa_finetune --config smollm2/135M_medusa output_dir=$(DEMO_OUT) epochs=$(DEMO_EPOCHS) \
-	  dtype=bf16 dataset._component_=torchtune_medusa.data.self_distilled_hidden_dataset "dataset.data_files=[$$files]" \
+	  dtype=bf16 model.medusa_num_heads=$(DEMO_HEADS) \
+	  dataset._component_=torchtune_medusa.data.self_distilled_hidden_dataset "dataset.data_files=[$$files]" \
 	  '~dataset.split' \
 	  dataset.max_seq_len=512 tokenizer.max_seq_len=512 validation.dataset.data_files=$(DEMO_OUT)/data/heldout.jsonl \
 	  validation.dataset.max_seq_len=512 validation.max_samples=$(DEMO_VAL_PROMPTS) \

@@ -600,6 +600,7 @@ class MedusaFinetuneRecipe(FTRecipeInterface):
                 world_size=self.world_size,
                 token_map=self._model.medusa_token_map,
                 head_type=self._model.medusa_head_type,
+                base_results=self._val_hidden.base_results if self._medusa_version == 1 else None,
             )
             self._root_params.release()
             metrics.update(res["metrics"])

@@ -260,3 +260,46 @@ def test_head_accuracies_for_calibration_rank_within_the_map():
         order = logits.argsort(-1, descending=True)[:, :4]
         want = [((order[:, r] == targets) & (targets >= 0)).float().sum().item() / len(targets) for r in range(4)]
         assert acc[k - 1].tolist() == pytest.approx(want)
+
+
+def test_validation_reuses_the_frozen_base_results():
+    """With base_results, the base head is projected once: later calls (after the heads trained on) reuse its
+    picks and sums and report exactly what a full evaluation reports."""
+    model = tiny_medusa(own_projection=False, tied=True)
+    model.set_medusa_token_map(TOKEN_MAP)
+    batches = []
+    for seed in (3, 4):
+        tokens, labels = batch(seed=seed)
+        unshifted = torch.cat([torch.full_like(labels[:, :1], IGNORE), labels[:, :-1]], dim=1)
+        batches.append({"tokens": tokens, "labels": unshifted})
+    base_calls = []
+
+    def project(hidden, head, *prev):
+        base_calls.extend([head] if head == 0 else [])
+        return model.project(hidden, head, *prev)
+
+    run = dict(
+        batches=batches,
+        hidden_fn=lambda b: hidden_of(model, b["tokens"]),
+        project=project,
+        num_heads=2,
+        ignore_index=IGNORE,
+        topk=5,
+        num_chunks=2,
+        device=torch.device("cpu"),
+        token_map=TOKEN_MAP,
+    )
+    memo = []
+    first = evaluate_heads(**run, base_results=memo)
+    assert len(memo) == 2 and len(base_calls) == 4  # two chunks of two batches
+    assert first == evaluate_heads(**run)
+    with torch.no_grad():  # the heads train on; the frozen backbone does not
+        for p in model.medusa_heads.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    base_calls.clear()
+    later = evaluate_heads(**run, base_results=memo)
+    assert base_calls == []
+    assert later == evaluate_heads(**run)
+    assert later["metrics"]["val/loss/head_1"] != first["metrics"]["val/loss/head_1"]
+    with pytest.raises(ValueError, match="holds 2 batches' results, not 1: pass"):
+        evaluate_heads(**{**run, "batches": batches[:1]}, base_results=memo)

@@ -52,6 +52,8 @@ log = utils.get_logger("INFO")
 class HeldOutHiddenStates:
     """``hidden_fn`` for :func:`evaluate_heads` that computes each held-out batch's hidden state once: with a
     frozen backbone (Medusa-1) they never change, so frequent validations (a learning curve) cost only the heads.
+    Neither do the base head's results: :attr:`base_results` is the ``base_results`` to pass to every
+    :func:`evaluate_heads` call (the base projection onto the whole vocabulary was over half of a SmolLM2 validation).
 
     Args:
         compute (Callable): ``batch -> [b, s, d]`` hidden state.
@@ -60,6 +62,7 @@ class HeldOutHiddenStates:
     def __init__(self, compute: Callable[[Dict[str, torch.Tensor]], torch.Tensor]) -> None:
         self.compute = compute
         self._hidden: Optional[List[torch.Tensor]] = None
+        self.base_results: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
     def bind(self, batches: Sequence[Dict[str, torch.Tensor]]) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
         """The ``hidden_fn`` of these batches (the same held-out batches at every call, in the same order)."""
@@ -89,6 +92,7 @@ def evaluate_heads(
     world_size: int = 1,
     token_map: Optional[torch.Tensor] = None,
     head_type: str = "medusa",
+    base_results: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> Dict[str, Any]:
     """Teacher-forced per-head metrics on held-out batches.
 
@@ -107,6 +111,10 @@ def evaluate_heads(
             outside it count as misses, and are left out of the heads' loss.
         head_type (str): ``"hydra"``: head k at t reads the input tokens ``t+1..t+k`` (teacher forcing, what tree
             decoding feeds it along an accepted path), passed as ``project(hidden, head, prev_tokens)``.
+        base_results (Optional[List]): with a frozen backbone, the same list at every call (e.g.
+            :attr:`HeldOutHiddenStates.base_results`): the first call fills it with each batch's base-head results
+            (greedy picks and metric sums), later calls reuse them instead of projecting onto the vocabulary again.
+            None: the base head is evaluated at every call.
 
     Returns:
         Dict[str, Any]: ``metrics`` (flat ``val/...`` floats: ``val/loss/{base,head_k}``, ``val/top1/...``,
@@ -123,19 +131,29 @@ def evaluate_heads(
     if token_map is not None:
         token_map = token_map.to(device)
         index_of = token_map_index(token_map)
-    for batch in batches:
+    if base_results is not None and len(base_results) not in (0, len(batches)):
+        raise ValueError(f"base_results holds {len(base_results)} batches' results, not {len(batches)}: pass []")
+    for i, batch in enumerate(batches):
         labels = batch["labels"]
         # shift for the base head, as in training: labels[:, t] is the target of position t
         labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)
         hidden = hidden_fn(batch)
         seq_len = hidden.size(1)
         chunk = max(1, -(-seq_len // num_chunks))
-        base_argmax = torch.empty_like(labels)
-        for start in range(0, seq_len, chunk):
-            end = min(seq_len, start + chunk)
-            logits = project(hidden[:, start:end], 0).float()
-            base_argmax[:, start:end] = logits.argmax(-1)
-            _accumulate(logits, labels[:, start:end], ignore_index, topk, 0, loss_sums, top1, topk_hits, counts)
+        if base_results is not None and i < len(base_results):
+            base_argmax, sums = base_results[i]
+        else:
+            base_argmax = torch.empty_like(labels)
+            sums = torch.zeros(4, 1, dtype=torch.float64, device=device)  # loss, top-1, top-k, count
+            for start in range(0, seq_len, chunk):
+                end = min(seq_len, start + chunk)
+                logits = project(hidden[:, start:end], 0).float()
+                base_argmax[:, start:end] = logits.argmax(-1)
+                _accumulate(logits, labels[:, start:end], ignore_index, topk, 0, *sums)
+            if base_results is not None:
+                base_results.append((base_argmax, sums))
+        for total, batch_sum in zip((loss_sums, top1, topk_hits, counts), sums):
+            total[0] += batch_sum[0]
         for head in range(1, k1):
             for start in range(0, seq_len - head, chunk):
                 end = min(seq_len - head, start + chunk)

@@ -43,20 +43,20 @@ assets: setup
 #      and written to DEMO_OUT/bench/.
 # `make demo-quick` is the same pipeline at a size that finishes in minutes.
 DEMO_OUT ?= output/smollm2_135m_medusa
-DEMO_PROMPTS ?= 4000
+DEMO_PROMPTS ?= 3800
 DEMO_VAL_PROMPTS ?= 48
 DEMO_EPOCHS ?= 2
 DEMO_HEADS ?= 2
 DEMO_VAL_EVERY ?= 100
 DEMO_NEW_TOKENS ?= 128
-DEMO_BENCH_PROMPTS ?= 8
+DEMO_BENCH_PROMPTS ?= 16
 DEMO_BENCH_REPEATS ?= 1
 DEMO_TREES ?= trained
 DEMO_SHARDS ?= $(shell nproc 2>/dev/null || echo 2)
 # Decoding runs with the shipped decode settings (bf16 where native, every core but one, compile auto: the prepacked
 # eager step for bf16 on CPU) and reports bf16 against fp32 greedy output on DEMO_QUALITY_PROMPTS prompts.
 DEMO_COMPILE ?= auto
-DEMO_QUALITY_PROMPTS ?= 8
+DEMO_QUALITY_PROMPTS ?= 16
 DEMO_EXTRA ?=
 CACHE = $$($(BIN)/python -m torchtune_medusa.assets path)
 SELF_DISTILL = $(BIN)/python -m torchtune_medusa.data.self_distill --batch-size 32 --max-prompt-len 256 \

@@ -334,24 +334,31 @@ def warm_up_prompts(prompts: List[List[int]], max_new_tokens: int) -> List[List[
 
 
 def quality_report(
-    reference, model, prompts, tree, *, max_new_tokens, stop, compile, proposal_vocab=None
+    reference, model, prompts, tree, *, max_new_tokens, stop, compile, proposal_vocab=None, decoded=None
 ) -> Dict[str, object]:
     """bf16 is not batch-invariant on CPU, so bf16 greedy output can leave the fp32 greedy path. For each prompt:
     how many tokens the bf16 baseline and bf16 Medusa produce before they first differ from the fp32 greedy
-    reference. Medusa is quality-neutral when its numbers match the baseline's."""
+    reference. Medusa is quality-neutral when its numbers match the baseline's.
+
+    ``decoded`` maps a prompt (a tuple of ids) to the ``(baseline, medusa)`` outputs the timed runs already
+    produced with these settings; those prompts are not decoded again (greedy decoding is deterministic)."""
     rows = []
+    decoded = decoded or {}
     for p in prompts:
         ref = generate(reference, [p], max_new_tokens=max_new_tokens, stop_tokens=stop).tokens[0]
-        base = generate(model, [p], max_new_tokens=max_new_tokens, stop_tokens=stop, compile=compile).tokens[0]
-        med = medusa_generate(
-            model,
-            [p],
-            max_new_tokens=max_new_tokens,
-            medusa_choices=tree,
-            stop_tokens=stop,
-            compile=compile,
-            proposal_vocab=proposal_vocab,
-        ).tokens[0]
+        if tuple(p) in decoded:
+            base, med = decoded[tuple(p)]
+        else:
+            base = generate(model, [p], max_new_tokens=max_new_tokens, stop_tokens=stop, compile=compile).tokens[0]
+            med = medusa_generate(
+                model,
+                [p],
+                max_new_tokens=max_new_tokens,
+                medusa_choices=tree,
+                stop_tokens=stop,
+                compile=compile,
+                proposal_vocab=proposal_vocab,
+            ).tokens[0]
         rows.append(
             {
                 "reference_tokens": len(ref),
@@ -502,12 +509,6 @@ def run(args) -> Dict[str, object]:
         f"threads={torch.get_num_threads()} device={device}"
     )
 
-    # Baseline outputs (also the data for the head accuracies).
-    base_outs = [
-        generate(model, [p], max_new_tokens=args.max_new_tokens, stop_tokens=stop, compile=compile).tokens[0]
-        for p in prompts
-    ]
-
     # Step cost curve and eviction cost.
     sizes = parse_step_sizes(args.step_sizes)
     vocab = proposal_vocab(args, tokenizer, model.tok_embeddings.num_embeddings)
@@ -529,34 +530,40 @@ def run(args) -> Dict[str, object]:
         f"{100 * sc['eviction_fraction_of_step'][str(max(sizes))]:.2f}% of a T={max(sizes)} step"
     )
 
-    # Head accuracies on the baseline's own greedy continuations of the benchmark prompts (what acceptance needs).
-    def accuracies(ps, outs):
-        return measure_head_accuracies(
-            model, [p + o for p, o in zip(ps, outs)], topk=10, score_from=[len(p) for p in ps]
-        )
-
-    acc = accuracies(prompts, base_outs)
-    _log("head top-1 accuracy on the baseline's output: " + ", ".join(f"{a:.3f}" for a in acc[:, 0].tolist()))
-    # The calibrated tree comes from other prompts when there are some (--calibration-prompts), else in-sample.
-    if calib_prompts:
-        calib_outs = [
+    def decode_baseline(ps):
+        return [
             generate(model, [p], max_new_tokens=args.max_new_tokens, stop_tokens=stop, compile=compile).tokens[0]
-            for p in calib_prompts
+            for p in ps
         ]
-        calib_acc = accuracies(calib_prompts, calib_outs)
-    else:
-        calib_acc = acc
-    calibrated = calibrate_tree(calib_acc, sc["_cost"], max_nodes=args.max_nodes, meta={"model": args.model})
-    save_tree(Path(args.out) / "calibrated_tree.json", calibrated)
-    _log(
-        f"calibrated tree: {len(calibrated.medusa_choices)} nodes, predicted tau "
-        f"{calibrated.expected_tokens_per_step:.2f}, predicted speedup {calibrated.expected_speedup:.2f}x"
-    )
 
+    # Head accuracies on the baseline's own greedy continuations of the benchmark prompts (what acceptance needs),
+    # and the tree calibrated on them (on other prompts when there are some: --calibration-prompts).
+    def accuracies_and_calibrated_tree(base_outs):
+        acc = measure_head_accuracies(
+            model, [p + o for p, o in zip(prompts, base_outs)], topk=10, score_from=[len(p) for p in prompts]
+        )
+        _log("head top-1 accuracy on the baseline's output: " + ", ".join(f"{a:.3f}" for a in acc[:, 0].tolist()))
+        calib_acc = acc
+        if calib_prompts:
+            calib_seqs = [p + o for p, o in zip(calib_prompts, decode_baseline(calib_prompts))]
+            calib_acc = measure_head_accuracies(model, calib_seqs, topk=10, score_from=[len(p) for p in calib_prompts])
+        calibrated = calibrate_tree(calib_acc, sc["_cost"], max_nodes=args.max_nodes, meta={"model": args.model})
+        save_tree(Path(args.out) / "calibrated_tree.json", calibrated)
+        _log(
+            f"calibrated tree: {len(calibrated.medusa_choices)} nodes, predicted tau "
+            f"{calibrated.expected_tokens_per_step:.2f}, predicted speedup {calibrated.expected_speedup:.2f}x"
+        )
+        return acc, calibrated
+
+    # The calibrated tree is needed before timing only when it is timed; otherwise it is reported from the timed
+    # baseline outputs instead of decoding every prompt once more.
+    times_calibrated = not selected or "calibrated" in selected
+    if times_calibrated:
+        acc, calibrated = accuracies_and_calibrated_tree(decode_baseline(prompts))
     trees = builtin_trees(k)
-    if calibrated.medusa_choices:
+    if times_calibrated and calibrated.medusa_choices:
         trees["calibrated"] = calibrated.medusa_choices
-    elif "calibrated" in selected:
+    elif times_calibrated and "calibrated" in selected:
         _log("the calibrated tree is empty (no guess pays off on this hardware): not run")
     if trained is not None:
         trees["trained"] = trained  # e.g. the tree medusa_finetune saved
@@ -574,6 +581,7 @@ def run(args) -> Dict[str, object]:
     ttft = {n: [] for n in times}
     tokens = {n: [0] * len(prompts) for n in times}
     stats = {n: [None] * len(prompts) for n in trees}
+    outputs = {n: [None] * len(prompts) for n in times}  # the last round's, reused by the quality report
     match = {n: True for n in trees}
     for r in range(args.repeats):
         for i, p in enumerate(prompts):
@@ -581,6 +589,7 @@ def run(args) -> Dict[str, object]:
             times["baseline"][i].append(o.stats.total_time_s)
             ttft["baseline"].append(o.stats.time_to_first_token_s)
             tokens["baseline"][i] = o.stats.new_tokens
+            outputs["baseline"][i] = o.tokens[0]
             for n, ch in trees.items():
                 m = medusa_generate(
                     model,
@@ -595,8 +604,11 @@ def run(args) -> Dict[str, object]:
                 ttft[n].append(m.stats.time_to_first_token_s)
                 tokens[n][i] = m.stats.new_tokens
                 stats[n][i] = m.stats
+                outputs[n][i] = m.tokens[0]
                 match[n] &= m.tokens[0] == o.tokens[0]
         _log(f"round {r + 1}/{args.repeats} done")
+    if not times_calibrated:
+        acc, calibrated = accuracies_and_calibrated_tree(outputs["baseline"])
 
     def summary(name):
         med = [_median(t) for t in times[name]]
@@ -641,6 +653,7 @@ def run(args) -> Dict[str, object]:
         else:
             q_prompts = (prompts * args.quality_prompts)[: args.quality_prompts]
         _log(f"bf16 quality report: {len(q_prompts)} prompts, tree {q_tree}, against the fp32 greedy reference")
+        timed = {tuple(p): (outputs["baseline"][i], outputs[q_tree][i]) for i, p in enumerate(prompts)}
         quality = quality_report(
             reference,
             model,
@@ -650,6 +663,7 @@ def run(args) -> Dict[str, object]:
             stop=stop,
             compile=compile,
             proposal_vocab=vocab,
+            decoded=timed,
         )
         quality["tree"] = q_tree
     return {

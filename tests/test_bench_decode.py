@@ -78,6 +78,9 @@ def test_bf16_quality_report_and_the_legacy_step_side_by_side(bench, tmp_path, c
     ]
     assert bench.main([*argv, "--legacy-threads", "1", "--out", str(out)]) == 0  # bf16 output may differ: no error
     res = json.loads((out / "bench_decode.json").read_text())
+    # the calibrated tree is not timed here: it and the head accuracies come from the timed baseline outputs
+    assert len(res["head_top1"]) == 2 and "medusa_choices" in res["calibrated_tree"]
+    assert (out / "calibrated_tree.json").exists()
     q = res["quality_vs_fp32"]
     assert q["prompts"] == 3 and q["tree"] == "chain1"
     for who in ("baseline", "medusa"):
@@ -90,6 +93,34 @@ def test_bf16_quality_report_and_the_legacy_step_side_by_side(bench, tmp_path, c
     assert res["step_cost"]["T1_speedup_over_legacy"] > 0
     printed = capsys.readouterr().out
     assert "tokens before the first difference" in printed and "legacy path" in printed
+
+
+def test_quality_report_reuses_the_timed_outputs(bench, monkeypatch):
+    """Prompts the timed runs decoded are not decoded again in bf16: the report is the same, with fewer decodes."""
+    model, _ = bench._tiny_model(2)
+    reference = model
+    model = bench.copy.deepcopy(model).to(torch.bfloat16)
+    prompts, tree = [[5, 9, 17], [7, 2, 40, 3]], [[0], [0, 0], [1]]
+    run = dict(max_new_tokens=12, stop=[], compile=False)
+    full = bench.quality_report(reference, model, prompts, tree, **run)
+    first = prompts[0]
+    timed = {
+        tuple(first): (
+            bench.generate(model, [first], max_new_tokens=12).tokens[0],
+            bench.medusa_generate(model, [first], max_new_tokens=12, medusa_choices=tree).tokens[0],
+        )
+    }
+    bf16_decodes = []
+    for name in ("generate", "medusa_generate"):
+        real = getattr(bench, name)
+
+        def counted(m, ps, *args, _real=real, **kwargs):
+            bf16_decodes.extend([tuple(ps[0])] if m is model else [])
+            return _real(m, ps, *args, **kwargs)
+
+        monkeypatch.setattr(bench, name, counted)
+    assert bench.quality_report(reference, model, prompts, tree, **run, decoded=timed) == full
+    assert bf16_decodes == [tuple(prompts[1])] * 2  # the baseline and Medusa of the prompt that was not timed
 
 
 def test_proposal_vocab_from_replies(bench, smollm2_assets, tmp_path):

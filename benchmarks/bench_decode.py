@@ -538,15 +538,15 @@ def run(args) -> Dict[str, object]:
 
     # Head accuracies on the baseline's own greedy continuations of the benchmark prompts (what acceptance needs),
     # and the tree calibrated on them (on other prompts when there are some: --calibration-prompts).
-    def accuracies_and_calibrated_tree(base_outs):
-        acc = measure_head_accuracies(
-            model, [p + o for p, o in zip(prompts, base_outs)], topk=10, score_from=[len(p) for p in prompts]
+    def accuracies(ps, outs):
+        return measure_head_accuracies(
+            model, [p + o for p, o in zip(ps, outs)], topk=10, score_from=[len(p) for p in ps]
         )
+
+    def accuracies_and_calibrated_tree(base_outs):
+        acc = accuracies(prompts, base_outs)
         _log("head top-1 accuracy on the baseline's output: " + ", ".join(f"{a:.3f}" for a in acc[:, 0].tolist()))
-        calib_acc = acc
-        if calib_prompts:
-            calib_seqs = [p + o for p, o in zip(calib_prompts, decode_baseline(calib_prompts))]
-            calib_acc = measure_head_accuracies(model, calib_seqs, topk=10, score_from=[len(p) for p in calib_prompts])
+        calib_acc = accuracies(calib_prompts, decode_baseline(calib_prompts)) if calib_prompts else acc
         calibrated = calibrate_tree(calib_acc, sc["_cost"], max_nodes=args.max_nodes, meta={"model": args.model})
         save_tree(Path(args.out) / "calibrated_tree.json", calibrated)
         _log(

@@ -39,11 +39,12 @@ assets: setup
 #      a held-out validation every DEMO_VAL_EVERY steps gives the learning curve; the final one decodes held-out
 #      prompts for real and calibrates the tree on this machine's measured step cost);
 #   3. benchmarks/bench_decode.py on DEMO_BENCH_PROMPTS other held-out prompts: baseline vs Medusa with the shipped
-#      decode settings, greedy outputs checked identical in fp32 and bf16 compared with fp32, results table printed
-#      and written to DEMO_OUT/bench/.
+#      decode settings (lookup drafts included), and side by side the heads alone (DEMO_LOOKUP: the lookup-draft
+#      lengths timed, the first is the shipped one), greedy outputs checked identical in fp32 and bf16 compared with
+#      fp32, results table printed and written to DEMO_OUT/bench/.
 # `make demo-quick` is the same pipeline at a size that finishes in minutes.
 DEMO_OUT ?= output/smollm2_135m_medusa
-DEMO_PROMPTS ?= 3800
+DEMO_PROMPTS ?= 3600
 DEMO_VAL_PROMPTS ?= 48
 DEMO_EPOCHS ?= 2
 DEMO_HEADS ?= 2
@@ -52,6 +53,7 @@ DEMO_NEW_TOKENS ?= 128
 DEMO_BENCH_PROMPTS ?= 16
 DEMO_BENCH_REPEATS ?= 1
 DEMO_TREES ?= trained
+DEMO_LOOKUP ?= 6,0
 DEMO_SHARDS ?= $(shell nproc 2>/dev/null || echo 2)
 # Decoding runs with the shipped decode settings (bf16 where native, every core but one, compile auto: the prepacked
 # eager step for bf16 on CPU) and reports bf16 against fp32 greedy output on DEMO_QUALITY_PROMPTS prompts.
@@ -82,7 +84,7 @@ demo: assets
 	  --quality-prompts $(DEMO_QUALITY_PROMPTS) \
 	  --prompt-file $(CACHE)/sharegpt/heldout.jsonl --prompt-skip $(DEMO_VAL_PROMPTS) --num-prompts $(DEMO_BENCH_PROMPTS) \
 	  --max-new-tokens $(DEMO_NEW_TOKENS) --repeats $(DEMO_BENCH_REPEATS) --trees '$(DEMO_TREES)' \
-	  --step-sizes 1,4,16 --context-len 256 --out $(DEMO_OUT)/bench
+	  --lookup-tokens '$(DEMO_LOOKUP)' --step-sizes 1,4,16 --context-len 256 --out $(DEMO_OUT)/bench
 
 demo-quick:
 	$(MAKE) demo DEMO_OUT=output/smollm2_135m_medusa_quick DEMO_PROMPTS=32 DEMO_VAL_PROMPTS=8 DEMO_EPOCHS=2 \

@@ -55,6 +55,7 @@ from torchtune_medusa.generation import (
 )
 from torchtune_medusa.generation._calibration import CALIBRATION_REPEATS
 from torchtune_medusa.generation._kv import evict_to_path, kv_caches, scoped_kv_cache
+from torchtune_medusa.generation._lookup import DEFAULT_LOOKUP_TOKENS
 from torchtune_medusa.generation._settings import decode_compile, decode_dtype, decode_threads
 from torchtune_medusa.generation._step import frequent_tokens
 from torchtune_medusa.generation._tree import (
@@ -265,6 +266,27 @@ def parse_step_sizes(text: str) -> List[int]:
     return sorted(sizes)
 
 
+def parse_lookup_tokens(text: str) -> List[int]:
+    """``--lookup-tokens``: comma-separated draft lengths >= 0 (0: no lookup), in order, without repeats. Every tree
+    runs with each; the first gives the tree's own entry, the others ``<tree>@lookup<N>``.
+
+    Raises:
+        ValueError: anything else (the message names the bad entry).
+    """
+    values: List[int] = []
+    for entry in text.split(","):
+        if not entry.strip().isdigit():
+            raise ValueError(f"{text!r} has {entry.strip()!r}; give comma-separated integers >= 0, e.g. 6,0")
+        if int(entry) not in values:
+            values.append(int(entry))
+    return values
+
+
+def run_name(tree: str, lookup_tokens: int, lookups: List[int]) -> str:
+    """The results key of ``tree`` decoded with ``lookup_tokens`` (see :func:`parse_lookup_tokens`)."""
+    return tree if lookup_tokens == lookups[0] else f"{tree}@lookup{lookup_tokens}"
+
+
 def load_trained_tree(path: str, num_heads: Optional[int] = None) -> List:
     """The ``--medusa-choices`` tree (a ``medusa_choices.json``), checked against the heads when known.
 
@@ -334,7 +356,17 @@ def warm_up_prompts(prompts: List[List[int]], max_new_tokens: int) -> List[List[
 
 
 def quality_report(
-    reference, model, prompts, tree, *, max_new_tokens, stop, compile, proposal_vocab=None, decoded=None
+    reference,
+    model,
+    prompts,
+    tree,
+    *,
+    max_new_tokens,
+    stop,
+    compile,
+    proposal_vocab=None,
+    decoded=None,
+    lookup_tokens=DEFAULT_LOOKUP_TOKENS,
 ) -> Dict[str, object]:
     """bf16 is not batch-invariant on CPU, so bf16 greedy output can leave the fp32 greedy path. For each prompt:
     how many tokens the bf16 baseline and bf16 Medusa produce before they first differ from the fp32 greedy
@@ -358,6 +390,7 @@ def quality_report(
                 stop_tokens=stop,
                 compile=compile,
                 proposal_vocab=proposal_vocab,
+                lookup_tokens=lookup_tokens,
             ).tokens[0]
         rows.append(
             {
@@ -569,20 +602,28 @@ def run(args) -> Dict[str, object]:
         trees["trained"] = trained  # e.g. the tree medusa_finetune saved
     if selected:
         trees = {n: trees[n] for n in selected if n in trees}
+    lookups = parse_lookup_tokens(args.lookup_tokens)
+    runs = {run_name(n, lk, lookups): (ch, lk) for n, ch in trees.items() for lk in lookups}
 
-    # Warm-up, then interleaved repeats: baseline and every tree in each round.
+    # Warm-up, then interleaved repeats: baseline and every run in each round.
     for p in warm_up_prompts(prompts, args.max_new_tokens):
         generate(model, [p], max_new_tokens=WARM_UP_TOKENS, compile=compile)
-        for ch in trees.values():
+        for ch, lk in runs.values():
             medusa_generate(
-                model, [p], max_new_tokens=WARM_UP_TOKENS, medusa_choices=ch, compile=compile, proposal_vocab=vocab
+                model,
+                [p],
+                max_new_tokens=WARM_UP_TOKENS,
+                medusa_choices=ch,
+                compile=compile,
+                proposal_vocab=vocab,
+                lookup_tokens=lk,
             )
-    times = {"baseline": [[] for _ in prompts], **{n: [[] for _ in prompts] for n in trees}}
+    times = {"baseline": [[] for _ in prompts], **{n: [[] for _ in prompts] for n in runs}}
     ttft = {n: [] for n in times}
     tokens = {n: [0] * len(prompts) for n in times}
-    stats = {n: [None] * len(prompts) for n in trees}
+    stats = {n: [None] * len(prompts) for n in runs}
     outputs = {n: [None] * len(prompts) for n in times}  # the last round's, reused by the quality report
-    match = {n: True for n in trees}
+    match = {n: True for n in runs}
     for r in range(args.repeats):
         for i, p in enumerate(prompts):
             o = generate(model, [p], max_new_tokens=args.max_new_tokens, stop_tokens=stop, compile=compile)
@@ -590,7 +631,7 @@ def run(args) -> Dict[str, object]:
             ttft["baseline"].append(o.stats.time_to_first_token_s)
             tokens["baseline"][i] = o.stats.new_tokens
             outputs["baseline"][i] = o.tokens[0]
-            for n, ch in trees.items():
+            for n, (ch, lk) in runs.items():
                 m = medusa_generate(
                     model,
                     [p],
@@ -599,6 +640,7 @@ def run(args) -> Dict[str, object]:
                     stop_tokens=stop,
                     compile=compile,
                     proposal_vocab=vocab,
+                    lookup_tokens=lk,
                 )
                 times[n][i].append(m.stats.total_time_s)
                 ttft[n].append(m.stats.time_to_first_token_s)
@@ -623,7 +665,7 @@ def run(args) -> Dict[str, object]:
 
     results = {"baseline": summary("baseline"), "trees": {}}
     base_tps = results["baseline"]["tokens_per_second"]
-    for n, ch in trees.items():
+    for n, (ch, lk) in runs.items():
         s = summary(n)
         st = [x for x in stats[n] if x is not None]
         steps = sum(x.steps for x in st)
@@ -640,12 +682,15 @@ def run(args) -> Dict[str, object]:
             per_head_acceptance=per_head,
             speedup=s["tokens_per_second"] / base_tps,
             greedy_output_equals_baseline=match[n],
+            lookup_tokens=lk,
+            lookup_step_fraction=sum(x.lookup_steps for x in st) / max(steps, 1),
+            lookup_token_fraction=sum(x.lookup_accepted for x in st) / max(sum(x.new_tokens for x in st), 1),
         )
         results["trees"][n] = s
     sc.pop("_cost")
     quality = None
     if dtype != torch.float32 and args.quality_prompts > 0:
-        q_tree = next(n for n in ("trained", "calibrated", *trees) if n in trees)
+        q_tree = next(n for n in ("trained", "calibrated", *runs) if n in runs)
         if args.prompt_file:
             q_prompts = chat_prompts(args.tokenizer_dir, args.prompt_file, args.quality_prompts, skip=args.prompt_skip)[
                 0
@@ -654,16 +699,18 @@ def run(args) -> Dict[str, object]:
             q_prompts = (prompts * args.quality_prompts)[: args.quality_prompts]
         _log(f"bf16 quality report: {len(q_prompts)} prompts, tree {q_tree}, against the fp32 greedy reference")
         timed = {tuple(p): (outputs["baseline"][i], outputs[q_tree][i]) for i, p in enumerate(prompts)}
+        q_lookup = runs[q_tree][1]
         quality = quality_report(
             reference,
             model,
             q_prompts,
-            trees[q_tree],
+            runs[q_tree][0],
             max_new_tokens=args.max_new_tokens,
             stop=stop,
             compile=compile,
             proposal_vocab=vocab,
             decoded=timed,
+            lookup_tokens=q_lookup,
         )
         quality["tree"] = q_tree
     return {
@@ -773,6 +820,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--trees", default="", help=f"comma-separated subset of the trees to run: {', '.join(TREE_NAMES)}")
+    p.add_argument(
+        "--lookup-tokens",
+        default=str(DEFAULT_LOOKUP_TOKENS),
+        help="comma-separated lookup-draft lengths to run every tree with (0: the heads alone); the first is the "
+        "tree's own entry, the others '<tree>@lookup<N>', e.g. 6,0",
+    )
     p.add_argument("--max-nodes", type=int, default=63, help="largest calibrated tree")
     p.add_argument("--step-sizes", default="1,4,16,32,64")
     p.add_argument("--context-len", type=int, default=256)
@@ -832,7 +885,11 @@ def main(argv=None) -> int:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.prompt_file and not Path(args.prompt_file).expanduser().is_file():
         p.error(f"--prompt-file {args.prompt_file}: no such file (held-out split: <cache>/sharegpt/heldout.jsonl)")
-    for flag, check in (("--trees", parse_trees), ("--step-sizes", parse_step_sizes)):
+    for flag, check in (
+        ("--trees", parse_trees),
+        ("--step-sizes", parse_step_sizes),
+        ("--lookup-tokens", parse_lookup_tokens),
+    ):
         try:
             check(getattr(args, flag[2:].replace("-", "_")))
         except ValueError as e:
@@ -852,13 +909,15 @@ def main(argv=None) -> int:
     b = res["baseline"]
     print(f"\nbaseline: {b['tokens_per_second']:.1f} tok/s, TTFT {b['time_to_first_token_s'] * 1e3:.1f} ms")
     print("head top-1 accuracy on the baseline's output: " + ", ".join(f"{a:.3f}" for a in res["head_top1"]))
-    print(f"{'tree':<26}{'T':>4}{'tau':>7}{'tok/s':>9}{'speedup':>9}  per-head acceptance   lossless")
+    print(f"{'tree':<26}{'T':>4}{'tau':>7}{'tok/s':>9}{'speedup':>9}  per-head acceptance   lookup   lossless")
     for n, t in res["trees"].items():
         pha = " ".join(f"{a:.2f}" for a in t["per_head_acceptance"])
+        lookup = f"{100 * t['lookup_token_fraction']:.0f}%" if t["lookup_tokens"] else "off"
         print(
             f"{n:<26}{t['tree_tokens']:>4}{t['tau']:>7.2f}{t['tokens_per_second']:>9.1f}{t['speedup']:>8.2f}x  "
-            f"{pha:<20} {t['greedy_output_equals_baseline']}"
+            f"{pha:<20} {lookup:>6}   {t['greedy_output_equals_baseline']}"
         )
+    print("lookup: the share of new tokens accepted from lookup drafts beyond the heads' best path")
     sc = res["step_cost"]
     print(
         "step cost / 1-token step: " + ", ".join(f"T={t}: {v:.2f}" for t, v in sc["step_cost_relative_to_T1"].items())

@@ -28,6 +28,7 @@ from torchtune_medusa import load_medusa
 from torchtune_medusa._config import register_resolvers
 from torchtune_medusa._files import GENERATE_RESULTS_FILE, write_json
 from torchtune_medusa.generation import generate, medusa_generate, resolve_choices
+from torchtune_medusa.generation._lookup import check_ngram, DEFAULT_LOOKUP_NGRAM, DEFAULT_LOOKUP_TOKENS
 from torchtune_medusa.generation._settings import decode_compile, decode_dtype, decode_threads
 from torchtune_medusa.generation._tree import validate_choices
 
@@ -125,8 +126,24 @@ def read_prompts(cfg: DictConfig) -> List[str]:
     return prompts
 
 
+def lookup_settings(cfg: DictConfig) -> Dict[str, Any]:
+    """``lookup_tokens`` and ``lookup_ngram`` as ``medusa_generate`` arguments (the package defaults when unset).
+
+    Raises:
+        ValueError: a negative ``lookup_tokens`` or a bad ``lookup_ngram`` (the message names it).
+    """
+    tokens = cfg.get("lookup_tokens", DEFAULT_LOOKUP_TOKENS)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(
+            f"lookup_tokens={tokens!r}: must be an integer >= 0 (tokens of a lookup draft per step; 0 turns it off)"
+        )
+    ngram = cfg.get("lookup_ngram", DEFAULT_LOOKUP_NGRAM)
+    ngram = check_ngram(list(ngram) if isinstance(ngram, ListConfig) else ngram)
+    return {"lookup_tokens": tokens, "lookup_ngram": ngram}
+
+
 def check_sampling(cfg: DictConfig) -> None:
-    """``acceptance``, ``temperature`` and ``max_new_tokens``.
+    """``acceptance``, ``temperature``, ``max_new_tokens`` and the lookup settings.
 
     Raises:
         ValueError: a value out of range (the message names it and the valid range).
@@ -141,6 +158,7 @@ def check_sampling(cfg: DictConfig) -> None:
             f"temperature={temperature!r}: must be a number >= 0 (0 = greedy decoding, > 0 samples); "
             "set e.g. temperature=0.0 or temperature=0.7"
         )
+    lookup_settings(cfg)
 
 
 class MedusaGenerateRecipe:
@@ -152,7 +170,8 @@ class MedusaGenerateRecipe:
     ``prompts``, ``prompt_file``, ``max_prompts``, ``system_prompt``, ``chat`` (apply the chat template),
     ``max_new_tokens``, ``medusa_choices`` (null: the tree saved with ``run_dir``'s heads, else ``mc_sim_7b_63``),
     ``acceptance`` (greedy | typical), ``temperature``, ``posterior_threshold``, ``posterior_alpha``,
-    ``compare_baseline``, ``output_dir`` (where ``generate_results.json`` goes), and the decode settings
+    ``lookup_tokens`` / ``lookup_ngram`` (lookup drafts verified next to the heads' tree), ``compare_baseline``,
+    ``output_dir`` (where ``generate_results.json`` goes), and the decode settings
     ``threads`` and ``compile`` (``auto`` picks what the README's measurements found fastest; ``dtype: auto`` is
     bf16 where the hardware computes it natively).
     """
@@ -237,6 +256,7 @@ class MedusaGenerateRecipe:
             acceptance=cfg.get("acceptance", "greedy"),
             posterior_threshold=cfg.get("posterior_threshold", 0.09),
             posterior_alpha=cfg.get("posterior_alpha", 0.3),
+            **lookup_settings(cfg),
             **common,
         )
         row = {
@@ -246,7 +266,11 @@ class MedusaGenerateRecipe:
             "medusa": medusa.stats.to_dict(),
         }
         print(f"\n>>> {prompt}\n{row['text']}")
-        summary = f"tau {medusa.stats.mean_accepted:.2f} tokens/step, {medusa.stats.tokens_per_second:.1f} tokens/s"
+        stats = medusa.stats
+        summary = (
+            f"tau {stats.mean_accepted:.2f} tokens/step ({stats.lookup_accepted} of {stats.new_tokens} tokens from "
+            f"lookup drafts), {stats.tokens_per_second:.1f} tokens/s"
+        )
         if cfg.get("compare_baseline", False):
             baseline = generate(self._model, [list(tokens)], **common)
             row["baseline"] = baseline.stats.to_dict()
@@ -267,7 +291,7 @@ class MedusaGenerateRecipe:
         )
         t0 = time.perf_counter()
         common = dict(max_new_tokens=min(16, int(cfg.max_new_tokens)), compile=True)
-        medusa_generate(self._model, [list(tokens)], medusa_choices=self._tree, **common)
+        medusa_generate(self._model, [list(tokens)], medusa_choices=self._tree, **lookup_settings(cfg), **common)
         if cfg.get("compare_baseline", False):
             generate(self._model, [list(tokens)], **common)
         logger.info(f"compiled in {time.perf_counter() - t0:.0f} s")

@@ -38,6 +38,8 @@ def test_tiny_end_to_end_writes_results(bench, tmp_path, capsys):
         "8",
         "--trees",
         "chain1,calibrated",
+        "--lookup-tokens",
+        "4,0",
         "--out",
         str(out),
         "--dtype",
@@ -48,10 +50,16 @@ def test_tiny_end_to_end_writes_results(bench, tmp_path, capsys):
     assert bench.main(argv) == 0
     res = json.loads((out / "bench_decode.json").read_text())
     assert (out / "bench_decode.png").stat().st_size > 0
-    assert set(res["trees"]) <= {"chain1", "calibrated"} and "chain1" in res["trees"]
-    for tree in res["trees"].values():
+    # every tree with each lookup setting, side by side: the first setting under the tree's own name
+    assert {"chain1", "chain1@lookup0"} <= set(res["trees"])
+    assert set(res["trees"]) <= {"chain1", "chain1@lookup0", "calibrated", "calibrated@lookup0"}
+    for name, tree in res["trees"].items():
         assert tree["greedy_output_equals_baseline"] is True
         assert tree["tau"] > 1.0 and tree["speedup"] > 0  # the tiny heads are trained: some guesses are accepted
+        assert tree["lookup_tokens"] == (0 if name.endswith("@lookup0") else 4)
+        assert 0.0 <= tree["lookup_step_fraction"] <= 1.0 and 0.0 <= tree["lookup_token_fraction"] <= 1.0
+        if tree["lookup_tokens"] == 0:
+            assert tree["lookup_step_fraction"] == tree["lookup_token_fraction"] == 0.0
     assert res["settings"] == {"dtype": "float32", "threads": 1, "compile": False}
     assert res["proposal_vocab_size"] is None
     assert res["quality_vs_fp32"] is None  # fp32 is the reference itself
@@ -237,6 +245,7 @@ def no_heavy_work(bench, monkeypatch):
         # issue 14.9: checked only after the baseline and the cost timing
         (["--step-sizes", "1,4,x"], "--step-sizes: '1,4,x' has 'x'; give comma-separated integers >= 1"),
         (["--step-sizes", "0,4"], "--step-sizes: '0,4' has '0'; give comma-separated integers >= 1"),
+        (["--lookup-tokens", "6,-1"], "--lookup-tokens: '6,-1' has '-1'; give comma-separated integers >= 0"),
         (["--medusa-choices", "/nonexistent/medusa_choices.json"], "--medusa-choices /nonexistent/medusa_choices.json"),
     ],
 )

@@ -53,7 +53,8 @@ def test_generate_recipe_matches_baseline_and_writes_json(hf_dir, tmp_path):
         steps = row["medusa"]["accepted_per_step"]  # the prefill's token, then each step's accepted + bonus
         assert row["medusa"]["mean_accepted"] == pytest.approx(sum(steps) / len(steps))
         assert 1 + sum(steps[:-1]) < row["medusa"]["new_tokens"] <= min(12, 1 + sum(steps))
-    assert "mean tau" in result.stdout
+        assert row["medusa"]["lookup_accepted"] <= row["medusa"]["new_tokens"]
+    assert "mean tau" in result.stdout and "tokens from lookup drafts" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -153,6 +154,8 @@ def _bad_tree_file(tmp_path):
         ("medusa_choices=/nonexistent/tree.json", FileNotFoundError, "no such tree file"),
         # temperature=-1 decoded greedily (issue 14.7)
         ("temperature=-1", ValueError, r"temperature=-1: must be a number >= 0 \(0 = greedy"),
+        ("lookup_tokens=-1", ValueError, r"lookup_tokens=-1: must be an integer >= 0"),
+        ("lookup_ngram=[3,2]", ValueError, r"lookup_ngram must be \[shortest, longest\] suffix lengths"),
         ("prompt_file=/nonexistent/prompts.txt", FileNotFoundError, "prompt_file='/nonexistent/prompts.txt' does not"),
         ("prompt_file={bad_jsonl}", ValueError, r"prompts.jsonl' line 2 is not a ShareGPT record"),
     ],

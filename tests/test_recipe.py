@@ -341,13 +341,16 @@ def test_validation_reports_tau_and_tree(assets, tmp_path):
             "num_prompts": 3,
             "max_new_tokens": 12,
             "calibrate_tree_nodes": 6,
+            "lookup_tokens": 0,
         },
     )
     run_recipe(cfg)
     metrics = json.loads((out / "metrics.json").read_text())
     val = metrics["validation"]
     acceptance = [val[f"val/acceptance/head_{k}"] for k in range(1, 4) if f"val/acceptance/head_{k}" in val]
-    # tau counts the bonus token plus every accepted head; head k+1 is only ever accepted after head k
+    # without lookup drafts tau counts the bonus token plus every accepted head; head k+1 is only ever accepted
+    # after head k
+    assert val["val/lookup_steps"] == 0
     assert val["val/tau"] == pytest.approx(1.0 + sum(acceptance))
     assert all(a >= b for a, b in zip(acceptance, acceptance[1:]))
     assert "val/loss/head_1" in val and "val/top1/head_3" in val
@@ -400,7 +403,8 @@ def test_validation_calibrates_tree_on_measured_step_cost(assets, tmp_path, monk
 
 
 def test_validation_tau_is_one_when_heads_always_miss(assets):
-    """Heads forced to always propose a token the base model never picks: real decoding accepts nothing."""
+    """Heads forced to always propose a token the base model never picks: real decoding accepts nothing from them;
+    lookup drafts still find the tiny model's repeats."""
     from torchtune_medusa.models import medusa_smollm2
     from torchtune_medusa.training import evaluate_decoding
 
@@ -417,9 +421,14 @@ def test_validation_tau_is_one_when_heads_always_miss(assets):
             head[0].linear.bias.fill_(30.0)  # block output ~ h + 30
             head[1].weight.zero_()
             head[1].weight[never] = 1.0  # logit of `never` ~ 30 * d, all others ~ 0
-    m = evaluate_decoding(model, prompts, max_new_tokens=20, medusa_choices=[[0], [0, 0], [0, 0, 0]])
+    tree = [[0], [0, 0], [0, 0, 0]]
+    m = evaluate_decoding(model, prompts, max_new_tokens=20, medusa_choices=tree, lookup_tokens=0)
     assert m["val/tau"] == 1.0
     assert all(m[f"val/acceptance/head_{k}"] == 0.0 for k in (1, 2, 3))
+    with_lookup = evaluate_decoding(model, prompts, max_new_tokens=20, medusa_choices=tree)
+    assert all(with_lookup[f"val/acceptance/head_{k}"] == 0.0 for k in (1, 2, 3))
+    assert with_lookup["val/lookup_accepted"] > 0
+    assert with_lookup["val/tau"] > 1.0 and with_lookup["val/decode_steps"] < m["val/decode_steps"]
 
 
 @pytest.mark.parametrize(
@@ -435,6 +444,7 @@ def test_validation_tau_is_one_when_heads_always_miss(assets):
         ({"validation": {"tree_cost": "guessed"}}, ValueError, "tree_cost='guessed'"),
         ({"validation": {"decode_compile": "sometimes"}}, ValueError, "validation.decode_compile"),
         ({"validation": {"decode_dtype": "fp8"}}, ValueError, "decode_dtype='fp8'; choose auto"),
+        ({"validation": {"lookup_tokens": -2}}, ValueError, "validation.lookup_tokens=-2: must be an integer >= 0"),
     ],
 )
 def test_bad_config_fails_before_heavy_work(assets, tmp_path, overrides, error, match):

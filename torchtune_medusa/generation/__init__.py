@@ -6,7 +6,8 @@
 """Decoding: the autoregressive baseline, Medusa tree decoding with KV-cache eviction, and the candidate tree.
 
 The entry points are exported here; the pieces they are built from (tree buffers, acceptance rules, KV-cache
-eviction, the decoding step) live in the private modules ``_tree``, ``_sampling``, ``_kv`` and ``_step``.
+eviction, the decoding step, prompt-lookup drafts) live in the private modules ``_tree``, ``_sampling``, ``_kv``,
+``_step`` and ``_lookup``.
 
 Example:
     >>> from torchtune_medusa import load_medusa

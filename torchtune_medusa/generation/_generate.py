@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from torchtune_medusa.generation._kv import drop_finished_rows, kv_caches
+from torchtune_medusa.generation._lookup import check_ngram, DEFAULT_LOOKUP_NGRAM, DEFAULT_LOOKUP_TOKENS, PromptLookup
 from torchtune_medusa.generation._sampling import sample_next
 from torchtune_medusa.generation._step import (
     Acceptance,
@@ -31,11 +32,12 @@ from torchtune_medusa.generation._step import (
     start_decoding,
     step_functions,
     tree_step,
+    warm_up_step,
 )
 from torchtune_medusa.generation._step import (
     sync as _sync,
 )
-from torchtune_medusa.generation._tree import build_tree_buffers, MC_SIM_7B_63
+from torchtune_medusa.generation._tree import build_tree_buffers, MC_SIM_7B_63, with_draft_chain
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,12 @@ class GenerationStats:
         total_time_s (float): wall-clock time of decoding (prefill to last token, cache set-up excluded).
         tokens_per_second (float): ``new_tokens / total_time_s``.
         stop_reasons (List[str]): per prompt: ``"stop_token"``, ``"max_new_tokens"`` or ``"cache_full"``.
-        tree_size (int): tree tokens per step (1 for the baseline).
+        tree_size (int): tree tokens per step of the heads' tree (1 for the baseline); a step that also verifies a
+            lookup draft runs that many more.
+        lookup_steps (int): tree steps that verified a lookup draft (``medusa_generate(lookup_tokens=...)``).
+        lookup_accepted (int): speculated tokens accepted from lookup drafts, in the steps where a draft was
+            accepted further than the heads' best path (ties go to the heads). ``per_head_acceptance`` counts the
+            heads' best run in every tree step, whichever path won.
     """
 
     steps: int = 0
@@ -74,6 +81,8 @@ class GenerationStats:
     tokens_per_second: float = 0.0
     stop_reasons: List[str] = field(default_factory=list)
     tree_size: int = 1
+    lookup_steps: int = 0
+    lookup_accepted: int = 0
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -289,6 +298,8 @@ def medusa_generate(
     topk: int = 10,
     compile: bool = False,
     proposal_vocab: Optional[torch.Tensor] = None,
+    lookup_tokens: int = DEFAULT_LOOKUP_TOKENS,
+    lookup_ngram: Sequence[int] = DEFAULT_LOOKUP_NGRAM,
     on_step=None,
 ) -> GenerationOutput:
     """Medusa decoding: each step verifies a tree of candidates (the base model's next token plus the heads'
@@ -303,6 +314,13 @@ def medusa_generate(
     gathered to contiguous slots in every layer and ``cache_pos`` is rolled back
     (:func:`~torchtune_medusa.generation._kv.evict_to_path`); the pick after the last accepted node is the next
     root (the bonus token). Heads are projected at that one position only.
+
+    Lookup drafts (``lookup_tokens > 0``): when the text so far (prompt and output) ends with tokens that occurred
+    before, the ``lookup_tokens`` tokens that followed them then join the step as one more chain below the root
+    (:class:`~torchtune_medusa.generation._lookup.PromptLookup`, prompt lookup decoding). Replies that quote their
+    prompt or repeat themselves then accept several tokens a step at the cost of a few more tree tokens; steps
+    without a match run the heads' tree alone. Acceptance decides as for the heads' candidates, so the output does
+    not change.
 
     Acceptance:
         * ``"greedy"``: exact match against the base model's pick. At temperature 0 the output is exactly greedy
@@ -351,6 +369,9 @@ def medusa_generate(
         proposal_vocab (Optional[torch.Tensor]): token ids the heads may propose (e.g. :func:`frequent_tokens` of
             the training data): the heads' projection then costs ``N / V`` of a full one. Output is unchanged in
             kind (acceptance still checks the whole vocabulary); fewer guesses may be right. Default None: all.
+        lookup_tokens (int): tokens of a lookup draft per step; 0 turns lookup off. Default 6.
+        lookup_ngram (Sequence[int]): ``(shortest, longest)`` suffix of the text a lookup matches, longest first.
+            Default ``(2, 3)``.
         on_step (Optional[Callable]): test hook, called after every step's eviction as
             ``on_step(committed_tokens: List[int], length: int)``.
 
@@ -359,18 +380,24 @@ def medusa_generate(
 
     Raises:
         ValueError: for a model without Medusa heads, an invalid tree, a tree deeper than the heads, an unknown
-            ``acceptance``, or a prompt that does not fit the cache.
+            ``acceptance``, a negative ``lookup_tokens``, a bad ``lookup_ngram``, or a prompt that does not fit the
+            cache.
     """
     if not is_medusa(model) or getattr(model, "num_medusa_heads", 0) == 0:
         raise ValueError("medusa_generate needs a MedusaTransformerDecoder with at least one head; use generate()")
     if acceptance not in ("greedy", "typical"):
         raise ValueError(f"acceptance must be 'greedy' or 'typical', got {acceptance!r}")
+    if lookup_tokens < 0:
+        raise ValueError(f"lookup_tokens must be >= 0 (0 turns lookup drafts off), got {lookup_tokens}")
+    lookup_ngram = check_ngram(lookup_ngram)
     prompts = _check_prompts(prompts, max_new_tokens)
     device = next(model.parameters()).device
     if medusa_choices is None:
         medusa_choices = [p for p in DEFAULT_MEDUSA_CHOICES if len(p) <= model.num_medusa_heads]
     tree = build_tree_buffers(medusa_choices, topk=topk, num_heads=model.num_medusa_heads, device=device)
     root_only = build_tree_buffers([], topk=topk, device=device)
+    drafted = with_draft_chain(tree, lookup_tokens) if lookup_tokens else None
+    biggest = drafted if drafted is not None else tree
     stop = set(int(t) for t in stop_tokens)
     rule = Acceptance(
         temperature=temperature,
@@ -388,7 +415,7 @@ def medusa_generate(
         stats.stop_reasons = ["max_new_tokens"] * len(prompts)
         return GenerationOutput([[] for _ in prompts], stats)
     p_max = max(len(p) for p in prompts)
-    cache_len = _cache_budget(model, p_max + max_new_tokens + tree.num_nodes, p_max, max_cache_len, compile)
+    cache_len = _cache_budget(model, p_max + max_new_tokens + biggest.num_nodes, p_max, max_cache_len, compile)
     # Positions must stay below max_seq_len (RoPE table); slots below cache_len.
     pos_limit = int(model.max_seq_len)
     fns = step_functions(model, compile=compile, proposal_vocab=proposal_vocab)
@@ -403,6 +430,8 @@ def medusa_generate(
 
     with decoding_scope(model, batch_size=1, cache_len=cache_len, pack_weights=not fns.compiled):
         caches = kv_caches(model)
+        if fns.compiled and drafted is not None:
+            warm_up_step(fns, caches, drafted, cache_len)
         _sync(device)
         t0 = time.perf_counter()
         for prompt in prompts:
@@ -411,6 +440,7 @@ def medusa_generate(
             emitted: List[int] = []
             reason = None
             pending = [int(state.root)]
+            lookup = PromptLookup(prompt, ngram=lookup_ngram) if drafted is not None else None
             ttfts.append(time.perf_counter() - t_prompt)
             while True:
                 for t in pending:
@@ -424,7 +454,14 @@ def medusa_generate(
                 if reason is not None:
                     break
                 length = state.length
-                if length + tree.num_nodes <= cache_len and length + tree.max_depth < pos_limit:
+                draft = None
+                if lookup is not None:
+                    lookup.extend(pending)
+                    draft = lookup.draft(lookup_tokens) or None
+                if draft and length + drafted.num_nodes <= cache_len and length + drafted.verify_depth < pos_limit:
+                    step_tree = drafted
+                    stats.lookup_steps += 1
+                elif length + tree.num_nodes <= cache_len and length + tree.max_depth < pos_limit:
                     step_tree = tree
                 elif length + 1 <= cache_len and length < pos_limit:
                     step_tree = root_only
@@ -438,12 +475,14 @@ def medusa_generate(
                     )
                     reason = "cache_full"
                     break
-                a, pending = tree_step(fns, caches, state, step_tree, rule)
+                draft_tokens = torch.tensor(draft, device=device) if step_tree is drafted else None
+                a, pending = tree_step(fns, caches, state, step_tree, rule, draft_tokens)
                 stats.steps += 1
                 stats.accepted_per_step.append(a + 1)
-                if step_tree is tree:
+                stats.lookup_accepted += state.draft_accepted
+                if step_tree is not root_only:
                     tree_steps += 1
-                    for k in range(a):
+                    for k in range(state.heads_accepted):
                         depth_hits[k] += 1
                 if on_step is not None:
                     on_step(list(prompt) + emitted + pending[:-1], state.length)

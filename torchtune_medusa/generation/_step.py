@@ -476,12 +476,18 @@ class DecodeState:
         root (torch.Tensor): 0-dim, the token the base model picked after the last committed one (not yet cached).
         hidden (torch.Tensor): ``[d]`` normed hidden state of the last committed token (the heads project it).
         cache_len (int): slots of the KV cache.
+        draft_accepted (int): tokens the last step accepted from the tree's draft chain (0 when it took a path of
+            the heads' candidates, which win ties).
+        heads_accepted (int): the longest run of the heads' candidates the last step accepted, whichever path it
+            took (what the heads alone would have given).
     """
 
     length: int
     root: torch.Tensor
     hidden: torch.Tensor
     cache_len: int
+    draft_accepted: int = 0
+    heads_accepted: int = 0
 
 
 @torch.inference_mode()
@@ -508,12 +514,25 @@ def tree_mask(tree: TreeBuffers, length: int, cache_len: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def warm_up_step(fns: StepFunctions, caches: Sequence[nn.Module], tree: TreeBuffers, cache_len: int) -> None:
+    """One throwaway forward of ``tree``'s size at the start of the empty cache, which is then rewound: a compiled
+    step gets that size's graph now, before decoding is timed, even when the size first runs mid-decoding (a
+    step with a lookup draft)."""
+    t = tree.num_nodes
+    tokens = torch.zeros(1, t, dtype=torch.long, device=tree.depth.device)
+    fns.forward(tokens, tree_mask(tree, 0, fns.mask_width(t, cache_len)), tree.depth[None])
+    for cache in caches:
+        cache.cache_pos.sub_(t)
+
+
+@torch.inference_mode()
 def tree_step(
     fns: StepFunctions,
     caches: Sequence[nn.Module],
     state: DecodeState,
     tree: TreeBuffers,
     acceptance: Acceptance,
+    draft: Optional[torch.Tensor] = None,
 ) -> Tuple[int, List[int]]:
     """Verify one tree of candidates and commit the accepted path; ``state`` moves on in place.
 
@@ -530,13 +549,24 @@ def tree_step(
         state (DecodeState): the state before the step; updated to the state after it.
         tree (TreeBuffers): the tree, on the model's device; its ``T`` tokens must fit the cache.
         acceptance (Acceptance): token selection and acceptance rule.
+        draft (Optional[torch.Tensor]): ``[tree.draft_nodes]`` token ids for the tree's draft chain (a lookup
+            draft, see :func:`~torchtune_medusa.generation._tree.with_draft_chain`); needed exactly when the tree
+            has one.
 
     Returns:
         Tuple[int, List[int]]: ``(accepted, tokens)``: how many speculated tokens were accepted, and the tokens
         the step commits (those plus the bonus token), in order. This is the step's only device-to-host sync.
+
+    Raises:
+        ValueError: a draft that does not fit the tree's chain.
     """
     length = state.length
     tree_tokens = fns.tree_tokens(state.hidden, state.root, tree, acceptance.topk)  # [T]
+    if tree.draft_nodes or draft is not None:
+        if draft is None or draft.numel() != tree.draft_nodes:
+            got = None if draft is None else draft.numel()
+            raise ValueError(f"this tree has a draft chain of {tree.draft_nodes} nodes; got a draft of {got} tokens")
+        tree_tokens = torch.cat([tree_tokens, draft.to(tree_tokens.device)])
     mask = tree_mask(tree, length, fns.mask_width(length + tree.num_nodes, state.cache_len))
     hidden, logits = fns.forward(tree_tokens[None], mask, (tree.depth + length)[None])
     hidden, logits = hidden[0], logits[0]  # [T, d], [T, v]
@@ -561,9 +591,15 @@ def tree_step(
         path = tree.retrieve_indices[best]
         last = path[accepted]
         nxt = choice[last]
-    host = torch.cat([accepted.view(1), nxt.view(1), tree_tokens[path], path]).tolist()
+    heads_accepted = accepted
+    if tree.draft_nodes:  # the draft chain is the last path: the heads' best run over the others
+        heads_rows = slice(0, tree.num_leaves - 1)
+        heads_accepted = select_path(ok, tree.retrieve_indices[heads_rows], tree.retrieve_valid[heads_rows])[1]
+    host = torch.cat([accepted.view(1), nxt.view(1), heads_accepted.view(1), tree_tokens[path], path]).tolist()
     a, bonus, depth = host[0], host[1], path.numel()
-    tokens, nodes = host[2 : 2 + depth], host[2 + depth :]
+    tokens, nodes = host[3 : 3 + depth], host[3 + depth :]
+    state.heads_accepted = host[2]
+    state.draft_accepted = a if a > host[2] else 0
     evict_to_path(caches, length=length, tree_size=tree.num_nodes, accepted=nodes[: a + 1])
     state.length = length + a + 1
     state.hidden = hidden[last]

@@ -192,6 +192,11 @@ class TreeBuffers:
         rank (torch.Tensor): ``[T]`` long, node i's rank (the last entry of its path; 0 for the root).
         level_starts (List[int]): ``max_depth + 2`` offsets: the nodes at depth ``d`` are
             ``level_starts[d]..level_starts[d + 1] - 1`` (nodes are sorted by depth).
+        draft_nodes (int): nodes after the heads' ones that form a chain below the root, carrying a draft from
+            elsewhere (a lookup draft, see :func:`with_draft_chain`); 0 for a heads-only tree. The proposal fields
+            (``tree_indices``, ``ancestors``, ``level_parents``, ``parent_slot``, ``rank``, ``level_starts``) cover
+            the heads' nodes only; the verification fields (``attn_mask``, ``depth``, ``parent``, ``retrieve_*``)
+            cover all nodes.
     """
 
     choices: List[Path]
@@ -208,11 +213,22 @@ class TreeBuffers:
     parent_slot: torch.Tensor
     rank: torch.Tensor
     level_starts: List[int]
+    draft_nodes: int = 0
 
     @property
     def num_nodes(self) -> int:
         """Tree tokens per step, root included."""
+        return len(self.choices) + 1 + self.draft_nodes
+
+    @property
+    def head_nodes(self) -> int:
+        """Tree tokens the heads fill, root included (the draft chain comes after them)."""
         return len(self.choices) + 1
+
+    @property
+    def verify_depth(self) -> int:
+        """The deepest node, draft chain included: a step may commit this many tokens plus the bonus one."""
+        return max(self.max_depth, self.draft_nodes)
 
     @property
     def num_leaves(self) -> int:
@@ -303,6 +319,52 @@ def build_tree_buffers(
         level_starts=level_starts,
     )
     return buffers.to(device) if device is not None else buffers
+
+
+def with_draft_chain(tree: TreeBuffers, num_tokens: int) -> TreeBuffers:
+    """``tree`` with a chain of ``num_tokens`` more nodes below the root, for a draft that does not come from the
+    heads (a lookup draft): chain node ``j`` (1-based) is node ``tree.head_nodes + j - 1`` at depth ``j``, and its
+    root-to-leaf path is the last row of ``retrieve_indices``, so that the heads' paths win ties.
+
+    Args:
+        tree (TreeBuffers): a heads-only tree (``draft_nodes == 0``).
+        num_tokens (int): chain length, ``>= 1``.
+
+    Returns:
+        TreeBuffers: the combined tree, on ``tree``'s device.
+
+    Raises:
+        ValueError: if ``num_tokens < 1`` or ``tree`` already has a chain.
+    """
+    if num_tokens < 1:
+        raise ValueError(f"a draft chain needs at least one token, got {num_tokens}")
+    if tree.draft_nodes:
+        raise ValueError("this tree already has a draft chain")
+    t0, device = tree.head_nodes, tree.depth.device
+    t = t0 + num_tokens
+    chain_nodes = torch.arange(t0, t, device=device)
+    attn_mask = torch.zeros(t, t, dtype=torch.bool, device=device)
+    attn_mask[:t0, :t0] = tree.attn_mask
+    attn_mask[t0:, 0] = True
+    attn_mask[t0:, t0:] = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).tril()
+    depth = torch.cat([tree.depth, torch.arange(1, num_tokens + 1, device=device)])
+    parent = torch.cat([tree.parent, torch.cat([chain_nodes.new_zeros(1), chain_nodes[:-1]])])
+    width = max(tree.max_depth, num_tokens) + 1
+    pad = width - tree.retrieve_indices.shape[1]
+    chain_row = torch.cat([chain_nodes.new_zeros(1), chain_nodes, chain_nodes.new_zeros(width - 1 - num_tokens)])
+    chain_valid = torch.arange(width, device=device) <= num_tokens
+    retrieve_indices = torch.cat([torch.nn.functional.pad(tree.retrieve_indices, (0, pad)), chain_row[None]])
+    retrieve_valid = torch.cat([torch.nn.functional.pad(tree.retrieve_valid, (0, pad)), chain_valid[None]])
+    fields = dict(tree.__dict__)
+    fields.update(
+        attn_mask=attn_mask,
+        depth=depth,
+        parent=parent,
+        retrieve_indices=retrieve_indices,
+        retrieve_valid=retrieve_valid,
+        draft_nodes=num_tokens,
+    )
+    return TreeBuffers(**fields)
 
 
 def tree_stats(medusa_choices) -> Dict[str, object]:

@@ -107,6 +107,7 @@ VALIDATION_KEYS = frozenset(
         "decode_with_calibrated_tree",
         "decode_only_at_end",
         "every_n_steps",
+        "lookup_tokens",
         "max_new_tokens",
         "max_prompt_len",
         "max_samples",
@@ -319,6 +320,12 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"validation.decode_dtype={val.decode_dtype!r}; choose auto (bf16 where the hardware computes it "
             "natively), float32 or bfloat16"
+        )
+    lookup_tokens = val.get("lookup_tokens", 0) if val is not None else 0
+    if isinstance(lookup_tokens, bool) or not isinstance(lookup_tokens, int) or lookup_tokens < 0:
+        raise ValueError(
+            f"validation.lookup_tokens={lookup_tokens!r}: must be an integer >= 0 (tokens of a lookup draft per "
+            "decoding step; 0 decodes with the heads alone)"
         )
     if val is not None:
         try:

@@ -31,6 +31,7 @@ from torchtune import utils
 
 from torchtune_medusa.generation import medusa_generate
 from torchtune_medusa.generation._calibration import calibrate_tree, CALIBRATION_REPEATS, measure_step_cost
+from torchtune_medusa.generation._lookup import DEFAULT_LOOKUP_TOKENS
 from torchtune_medusa.generation._settings import decode_compile, decode_dtype, decode_threads
 from torchtune_medusa.generation._tree import grow_tree
 from torchtune_medusa.modules.medusa_heads import following_tokens, to_head_vocab, token_map_index
@@ -241,12 +242,15 @@ def evaluate_decoding(
     medusa_choices,
     stop_tokens: Sequence[int] = (),
     max_cache_len: Optional[int] = None,
+    lookup_tokens: int = DEFAULT_LOOKUP_TOKENS,
 ) -> Dict[str, Any]:
-    """Greedy Medusa tree decoding of ``prompts`` (one after another) with KV-cache eviction.
+    """Greedy Medusa tree decoding of ``prompts`` (one after another) with KV-cache eviction, and lookup drafts of
+    ``lookup_tokens`` tokens (0: the heads alone) as ``medusa_generate`` decodes by default.
 
     Returns:
         Dict[str, Any]: ``val/tau``, ``val/acceptance/head_k``, ``val/decode_tokens_per_second``,
-        ``val/decode_new_tokens`` and ``val/decode_steps``.
+        ``val/decode_new_tokens``, ``val/decode_steps``, and ``val/lookup_steps`` / ``val/lookup_accepted`` (the
+        lookup drafts that decoding verifies next to the heads' tree, see ``medusa_generate``).
     """
     was_training = model.training
     model.eval()
@@ -261,6 +265,7 @@ def evaluate_decoding(
             acceptance="greedy",
             stop_tokens=tuple(stop_tokens),
             max_cache_len=max_cache_len,
+            lookup_tokens=lookup_tokens,
         )
     finally:
         model.train(was_training)
@@ -271,6 +276,8 @@ def evaluate_decoding(
         "val/decode_new_tokens": int(stats.new_tokens),
         "val/decode_tokens_per_second": float(stats.tokens_per_second),
         "val/decode_wall_s": time.perf_counter() - t0,
+        "val/lookup_steps": int(stats.lookup_steps),
+        "val/lookup_accepted": int(stats.lookup_accepted),
     }
     for k, a in enumerate(stats.per_head_acceptance, start=1):
         metrics[f"val/acceptance/head_{k}"] = float(a)
@@ -401,6 +408,7 @@ def validate_decoding(
                 max_new_tokens=int(val_cfg.get("max_new_tokens", 64)),
                 medusa_choices=choices,
                 stop_tokens=stop_tokens,
+                lookup_tokens=int(val_cfg.get("lookup_tokens", DEFAULT_LOOKUP_TOKENS)),
             )
         )
         metrics["val/tree_nodes"] = len(choices) if not isinstance(choices, str) else choices

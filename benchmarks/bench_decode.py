@@ -39,7 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -355,6 +355,24 @@ def warm_up_prompts(prompts: List[List[int]], max_new_tokens: int) -> List[List[
     return list(out.values())
 
 
+@torch.inference_mode()
+def fp32_scores(reference, prompt: List[int], output: List[int]) -> Tuple[int, float]:
+    """The reference model run over ``prompt + output`` once (teacher forcing): how many output tokens are its
+    greedy choice after the same prefix, and the output's summed negative log-likelihood under it."""
+    if not output:
+        return 0, 0.0
+    device = next(reference.parameters()).device
+    was_hidden = reference.return_hidden
+    reference.set_return_hidden(True)
+    try:
+        hidden = reference(torch.tensor([prompt + output[:-1]], device=device))[0, len(prompt) - 1 :]
+    finally:
+        reference.set_return_hidden(was_hidden)
+    logp = reference.project(hidden, 0).float().log_softmax(-1)
+    target = torch.tensor(output, device=device)
+    return int((logp.argmax(-1) == target).sum()), float(-logp.gather(-1, target[:, None]).sum())
+
+
 def quality_report(
     reference,
     model,
@@ -370,7 +388,10 @@ def quality_report(
 ) -> Dict[str, object]:
     """bf16 is not batch-invariant on CPU, so bf16 greedy output can leave the fp32 greedy path. For each prompt:
     how many tokens the bf16 baseline and bf16 Medusa produce before they first differ from the fp32 greedy
-    reference. Medusa is quality-neutral when its numbers match the baseline's.
+    reference, and, scored by the fp32 model with the output as its prefix (:func:`fp32_scores`), how many of their
+    tokens are the fp32 model's greedy choice and their negative log-likelihood. The first number depends on where
+    a near-tie first flips, so it is noisy; the second pair scores every token. Medusa is quality-neutral when its
+    numbers match the baseline's.
 
     ``decoded`` maps a prompt (a tuple of ids) to the ``(baseline, medusa)`` outputs the timed runs already
     produced with these settings; those prompts are not decoded again (greedy decoding is deterministic)."""
@@ -397,16 +418,21 @@ def quality_report(
                 "reference_tokens": len(ref),
                 "baseline": first_divergence(ref, base),
                 "medusa": first_divergence(ref, med),
+                "scores": {"baseline": fp32_scores(reference, p, base), "medusa": fp32_scores(reference, p, med)},
+                "tokens": {"baseline": len(base), "medusa": len(med)},
             }
         )
 
     def summary(key):
         agree = [r[key] for r in rows]
+        tokens = max(sum(r["tokens"][key] for r in rows), 1)
         return {
             "tokens_before_divergence": agree,
             "mean": statistics.mean(agree),
             "median": statistics.median(agree),
             "identical_to_reference": sum(r[key] == r["reference_tokens"] for r in rows),
+            "fp32_greedy_agreement": sum(r["scores"][key][0] for r in rows) / tokens,
+            "fp32_nll_per_token": sum(r["scores"][key][1] for r in rows) / tokens,
         }
 
     return {
@@ -938,7 +964,10 @@ def main(argv=None) -> int:
             f"({q['baseline']['median']:.0f}), Medusa {q['tree']} {q['medusa']['mean']:.1f} "
             f"({q['medusa']['median']:.0f}); "
             f"identical to fp32: baseline {q['baseline']['identical_to_reference']}, "
-            f"Medusa {q['medusa']['identical_to_reference']}"
+            f"Medusa {q['medusa']['identical_to_reference']}; scored by the fp32 model, its greedy token / NLL per "
+            f"token: baseline {100 * q['baseline']['fp32_greedy_agreement']:.1f}% / "
+            f"{q['baseline']['fp32_nll_per_token']:.3f}, Medusa {100 * q['medusa']['fp32_greedy_agreement']:.1f}% / "
+            f"{q['medusa']['fp32_nll_per_token']:.3f}"
         )
     print(f"wrote {out / 'bench_decode.json'} and {out / 'bench_decode.png'} ({res['wall_time_s']:.0f} s)")
     differ = [n for n, t in res["trees"].items() if not t["greedy_output_equals_baseline"]]

@@ -94,6 +94,7 @@ def test_bf16_quality_report_and_the_legacy_step_side_by_side(bench, tmp_path, c
     for who in ("baseline", "medusa"):
         assert len(q[who]["tokens_before_divergence"]) == 3
         assert all(0 <= n <= 10 for n in q[who]["tokens_before_divergence"])
+        assert 0.0 <= q[who]["fp32_greedy_agreement"] <= 1.0 and q[who]["fp32_nll_per_token"] >= 0.0
     legacy = res["step_cost"]["legacy"]
     assert (
         legacy["dtype"] == "float32" and legacy["attention"] == "torchtune" and set(legacy["step_cost_s"]) == {"1", "3"}
@@ -101,6 +102,20 @@ def test_bf16_quality_report_and_the_legacy_step_side_by_side(bench, tmp_path, c
     assert res["step_cost"]["T1_speedup_over_legacy"] > 0
     printed = capsys.readouterr().out
     assert "tokens before the first difference" in printed and "legacy path" in printed
+
+
+def test_fp32_scores_count_the_reference_models_own_greedy_tokens(bench):
+    """Teacher-forced scoring agrees with cached greedy decoding of the same fp32 model: every token of its own
+    output is its greedy choice; a token changed to another one is a miss and costs likelihood."""
+    model, _ = bench._tiny_model(2)
+    prompt = [5, 9, 17, 3]
+    out = bench.generate(model, [prompt], max_new_tokens=12).tokens[0]
+    matches, nll = bench.fp32_scores(model, prompt, out)
+    assert matches == len(out) == 12 and nll > 0.0
+    changed = out[:-1] + [(out[-1] + 1) % 128]
+    matches_changed, nll_changed = bench.fp32_scores(model, prompt, changed)
+    assert matches_changed == len(out) - 1 and nll_changed > nll
+    assert bench.fp32_scores(model, prompt, []) == (0, 0.0)
 
 
 def test_quality_report_reuses_the_timed_outputs(bench, monkeypatch):

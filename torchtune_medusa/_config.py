@@ -9,6 +9,7 @@
 embedded default configs work without editing paths.
 """
 
+import omegaconf
 from omegaconf import OmegaConf
 
 
@@ -18,6 +19,13 @@ def _medusa_cache() -> str:
     return str(default_cache_dir())
 
 
+def _register_resolver():
+    # OmegaConf 2.4 renamed register_new_resolver to register_resolver and deprecates the old name; before 2.4,
+    # register_resolver is the legacy (strings-only) API.
+    major, minor = (int(part) for part in omegaconf.__version__.split(".")[:2])
+    return OmegaConf.register_resolver if (major, minor) >= (2, 4) else OmegaConf.register_new_resolver
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("medusa_cache"):
-        OmegaConf.register_new_resolver("medusa_cache", _medusa_cache)
+        _register_resolver()("medusa_cache", _medusa_cache)

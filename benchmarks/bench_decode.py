@@ -725,12 +725,12 @@ def run(args) -> Dict[str, object]:
             q_prompts = (prompts * args.quality_prompts)[: args.quality_prompts]
         _log(f"bf16 quality report: {len(q_prompts)} prompts, tree {q_tree}, against the fp32 greedy reference")
         timed = {tuple(p): (outputs["baseline"][i], outputs[q_tree][i]) for i, p in enumerate(prompts)}
-        q_lookup = runs[q_tree][1]
+        q_choices, q_lookup = runs[q_tree]
         quality = quality_report(
             reference,
             model,
             q_prompts,
-            runs[q_tree][0],
+            q_choices,
             max_new_tokens=args.max_new_tokens,
             stop=stop,
             compile=compile,

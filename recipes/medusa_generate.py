@@ -28,7 +28,12 @@ from torchtune_medusa import load_medusa
 from torchtune_medusa._config import register_resolvers
 from torchtune_medusa._files import GENERATE_RESULTS_FILE, write_json
 from torchtune_medusa.generation import generate, medusa_generate, resolve_choices
-from torchtune_medusa.generation._lookup import check_ngram, DEFAULT_LOOKUP_NGRAM, DEFAULT_LOOKUP_TOKENS
+from torchtune_medusa.generation._lookup import (
+    check_lookup_tokens,
+    check_ngram,
+    DEFAULT_LOOKUP_NGRAM,
+    DEFAULT_LOOKUP_TOKENS,
+)
 from torchtune_medusa.generation._settings import decode_compile, decode_dtype, decode_threads
 from torchtune_medusa.generation._tree import validate_choices
 
@@ -130,13 +135,9 @@ def lookup_settings(cfg: DictConfig) -> Dict[str, Any]:
     """``lookup_tokens`` and ``lookup_ngram`` as ``medusa_generate`` arguments (the package defaults when unset).
 
     Raises:
-        ValueError: a negative ``lookup_tokens`` or a bad ``lookup_ngram`` (the message names it).
+        ValueError: a ``lookup_tokens`` that is not an integer >= 0 or a bad ``lookup_ngram`` (the message names it).
     """
-    tokens = cfg.get("lookup_tokens", DEFAULT_LOOKUP_TOKENS)
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise ValueError(
-            f"lookup_tokens={tokens!r}: must be an integer >= 0 (tokens of a lookup draft per step; 0 turns it off)"
-        )
+    tokens = check_lookup_tokens(cfg.get("lookup_tokens", DEFAULT_LOOKUP_TOKENS))
     ngram = cfg.get("lookup_ngram", DEFAULT_LOOKUP_NGRAM)
     ngram = check_ngram(list(ngram) if isinstance(ngram, ListConfig) else ngram)
     return {"lookup_tokens": tokens, "lookup_ngram": ngram}

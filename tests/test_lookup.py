@@ -160,7 +160,8 @@ def test_lookup_respects_the_cache_and_refuses_bad_settings():
     base = generate(model, [p], max_new_tokens=40, max_cache_len=24).tokens
     out = medusa_generate(model, [p], max_new_tokens=40, max_cache_len=24, medusa_choices=[(0,)], lookup_tokens=8)
     assert out.tokens == base and out.stats.stop_reasons == ["cache_full"]
-    with pytest.raises(ValueError, match="lookup_tokens must be >= 0"):
-        medusa_generate(model, [p], max_new_tokens=4, lookup_tokens=-1)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"lookup_tokens={bad!r}: must be an integer >= 0"):
+            medusa_generate(model, [p], max_new_tokens=4, lookup_tokens=bad)
     with pytest.raises(ValueError, match=r"lookup_ngram must be \[shortest, longest\]"):
         medusa_generate(model, [p], max_new_tokens=4, lookup_ngram=(3, 1))

@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from torchtune_medusa.generation._kv import drop_finished_rows, kv_caches
-from torchtune_medusa.generation._lookup import check_ngram, DEFAULT_LOOKUP_NGRAM, DEFAULT_LOOKUP_TOKENS, PromptLookup
+from torchtune_medusa.generation._lookup import (
+    check_lookup_tokens,
+    check_ngram,
+    DEFAULT_LOOKUP_NGRAM,
+    DEFAULT_LOOKUP_TOKENS,
+    PromptLookup,
+)
 from torchtune_medusa.generation._sampling import sample_next
 from torchtune_medusa.generation._step import (
     Acceptance,
@@ -380,15 +386,14 @@ def medusa_generate(
 
     Raises:
         ValueError: for a model without Medusa heads, an invalid tree, a tree deeper than the heads, an unknown
-            ``acceptance``, a negative ``lookup_tokens``, a bad ``lookup_ngram``, or a prompt that does not fit the
-            cache.
+            ``acceptance``, a ``lookup_tokens`` that is not an integer >= 0, a bad ``lookup_ngram``, or a prompt that
+            does not fit the cache.
     """
     if not is_medusa(model) or getattr(model, "num_medusa_heads", 0) == 0:
         raise ValueError("medusa_generate needs a MedusaTransformerDecoder with at least one head; use generate()")
     if acceptance not in ("greedy", "typical"):
         raise ValueError(f"acceptance must be 'greedy' or 'typical', got {acceptance!r}")
-    if lookup_tokens < 0:
-        raise ValueError(f"lookup_tokens must be >= 0 (0 turns lookup drafts off), got {lookup_tokens}")
+    lookup_tokens = check_lookup_tokens(lookup_tokens)
     lookup_ngram = check_ngram(lookup_ngram)
     prompts = _check_prompts(prompts, max_new_tokens)
     device = next(model.parameters()).device

@@ -13,10 +13,10 @@ tree tokens and never changes the output (the base model still decides every tok
 
 from typing import Dict, List, Sequence, Tuple
 
-#: Draft tokens per step (``medusa_generate(lookup_tokens=...)``). On held-out SmolLM2 replies, 16 prompts x 128
-#: tokens, bf16 on 1 CPU thread, drafts of 3 / 4 / 5 / 6 / 8 tokens gave tau 1.98 / 2.05 / 2.09 / 2.12 / 2.18 and
-#: 53.4 / 55.0 / 55.9 / 55.7 / 56.2 tokens/s, against 1.69 and 48.3 without lookup: past 5 tokens the longer
-#: steps eat the gain.
+#: Draft tokens per step (``medusa_generate(lookup_tokens=...)``). With `make demo`'s heads on its 16 held-out
+#: benchmark prompts x 128 tokens (bf16, 1 CPU thread), drafts of 3 / 4 / 6 / 8 tokens decoded at 1.73x / 1.77x /
+#: 1.84x / 1.91x against 1.43x without (``benchmarks/results/lookup_tokens_smollm2_cpu.json``); 8 over 6 is within
+#: that machine's run-to-run spread, and every drafted step pays for the longer chain.
 DEFAULT_LOOKUP_TOKENS = 6
 #: ``(shortest, longest)`` suffix a draft matches, longest first. One-token matches drafted in twice as many steps
 #: and added no accepted tokens on those replies (tau 2.03 against 2.05 with 4 tokens), so the shortest is 2.
@@ -72,6 +72,20 @@ class PromptLookup:
                 draft.append(self.tokens[i] if i < end else draft[i - end])
             return draft
         return []
+
+
+def check_lookup_tokens(lookup_tokens, name: str = "lookup_tokens") -> int:
+    """``lookup_tokens`` as an int >= 0; ``name`` is how the caller's user spells the setting.
+
+    Raises:
+        ValueError: for anything but an integer >= 0 (a bool is not one).
+    """
+    if isinstance(lookup_tokens, bool) or not isinstance(lookup_tokens, int) or lookup_tokens < 0:
+        raise ValueError(
+            f"{name}={lookup_tokens!r}: must be an integer >= 0 (tokens of a lookup draft per decoding step; 0 decodes "
+            "with the heads alone)"
+        )
+    return lookup_tokens
 
 
 def check_ngram(ngram: Sequence[int]) -> Tuple[int, int]:

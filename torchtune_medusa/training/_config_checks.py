@@ -19,6 +19,7 @@ from torchtune.config._utils import _get_component_from_path
 from torchtune.training import PROFILER_KEY
 
 from torchtune_medusa.data._utils import check_local_data_file
+from torchtune_medusa.generation._lookup import check_lookup_tokens, DEFAULT_LOOKUP_TOKENS
 from torchtune_medusa.generation._settings import DTYPES
 from torchtune_medusa.training._checkpointer import num_heads_in_sidecar
 from torchtune_medusa.training._stages import parse_stages
@@ -321,13 +322,8 @@ def check_config(cfg: DictConfig) -> None:
             f"validation.decode_dtype={val.decode_dtype!r}; choose auto (bf16 where the hardware computes it "
             "natively), float32 or bfloat16"
         )
-    lookup_tokens = val.get("lookup_tokens", 0) if val is not None else 0
-    if isinstance(lookup_tokens, bool) or not isinstance(lookup_tokens, int) or lookup_tokens < 0:
-        raise ValueError(
-            f"validation.lookup_tokens={lookup_tokens!r}: must be an integer >= 0 (tokens of a lookup draft per "
-            "decoding step; 0 decodes with the heads alone)"
-        )
     if val is not None:
+        check_lookup_tokens(val.get("lookup_tokens", DEFAULT_LOOKUP_TOKENS), "validation.lookup_tokens")
         try:
             calibration_compile(val.get("decode_compile", "auto"), "cpu")
         except ValueError as e:

@@ -408,7 +408,7 @@ def validate_decoding(
                 max_new_tokens=int(val_cfg.get("max_new_tokens", 64)),
                 medusa_choices=choices,
                 stop_tokens=stop_tokens,
-                lookup_tokens=int(val_cfg.get("lookup_tokens", DEFAULT_LOOKUP_TOKENS)),
+                lookup_tokens=val_cfg.get("lookup_tokens", DEFAULT_LOOKUP_TOKENS),
             )
         )
         metrics["val/tree_nodes"] = len(choices) if not isinstance(choices, str) else choices
